@@ -1,0 +1,199 @@
+"""The `bpcp` command: batch processing with CellProfiler on one host or many.
+
+Parses arguments and calls the step modules; no logic of its own.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from bpcp import __version__
+from bpcp.errors import BpcpError
+from bpcp.plan import PlanOptions, parse_group_by, parse_only
+from bpcp.render import RunSettings
+from bpcp.runfolder import RunFolder
+
+DEFAULT_OUTPUT = "bpcp-run"
+
+
+def _plan_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    g = parser.add_argument_group("what to run")
+    g.add_argument("--dataset", "-d", type=Path, help="LoadData CSV, file list, image folder or Batch_data.h5")
+    g.add_argument("--pipeline", "-p", type=Path, required=required, help=".cppipe pipeline or Batch_data.h5")
+    g.add_argument("--group-by", "-g", default=None,
+                   help="comma-separated metadata keys, one job per group (default Metadata_Plate,Metadata_Well; "
+                        "'none' = one group)")
+    g.add_argument("--only", action="append", metavar="KEY=VALUE[,KEY=VALUE]",
+                   help="run only the groups with these values (repeat for more)")
+    g.add_argument("--bundle", type=int, default=0, metavar="N",
+                   help="pack small groups into jobs of about N image sets (amortises start-up)")
+    g.add_argument("--cellprofiler", help="CellProfiler venv folder, its executable, or a version installed "
+                                          "under /opt/cellprofiler (default: $BPCP_CELLPROFILER or /opt/cellprofiler/current)")
+    g.add_argument("--skip-image-check", action="store_true", help="do not check that every image exists")
+
+
+def _output_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output", "-o", type=Path, default=Path(DEFAULT_OUTPUT),
+                        help=f"the run folder (default ./{DEFAULT_OUTPUT})")
+
+
+def _run_arguments(parser: argparse.ArgumentParser) -> None:
+    d = RunSettings()
+    g = parser.add_argument_group("how to run")
+    g.add_argument("--jobs", "-j", default=d.jobs, help=f"CellProfiler processes per host (default {d.jobs} of cores)")
+    g.add_argument("--retries", type=int, default=d.retries, help=f"attempts per job (default {d.retries})")
+    g.add_argument("--timeout", default=d.timeout, help="per-job limit: seconds, 90m, 2h, or N%% of the median job")
+    g.add_argument("--memfree", default=d.memfree, help=f"start jobs only above this free memory (default {d.memfree})")
+    g.add_argument("--halt", default=d.halt, help=f"GNU parallel halt policy (default {d.halt})")
+    g.add_argument("--tmp-root", default=d.tmp_root,
+                   help="CellProfiler temp folder root: 'auto' = the RAM disk when mounted (default), '' = on disk")
+    g.add_argument("--ramdisk", default=d.ramdisk, help=f"RAM disk mount point (default {d.ramdisk})")
+    g.add_argument("--no-pin-threads", action="store_true", help="let each process use many threads")
+
+
+def _settings(args: argparse.Namespace) -> RunSettings:
+    return RunSettings(jobs=str(args.jobs), retries=args.retries, timeout=args.timeout, memfree=args.memfree,
+                       halt=args.halt, tmp_root=args.tmp_root, ramdisk=args.ramdisk,
+                       pin_threads=not args.no_pin_threads).validate()
+
+
+def _options(args: argparse.Namespace) -> PlanOptions:
+    if args.bundle < 0:
+        raise BpcpError(f"--bundle {args.bundle}: give a number of image sets per job, or 0 for no bundling")
+    return PlanOptions(group_by=parse_group_by(args.group_by), only=parse_only(args.only), bundle=args.bundle)
+
+
+def _prepare(args: argparse.Namespace):
+    from bpcp.prepare import prepare
+
+    prepared = prepare(args.dataset, args.pipeline, args.output, _options(args), args.cellprofiler,
+                       check_images=not args.skip_image_check)
+    doc = prepared.plan.doc
+    sizes = [len(j["image_numbers"]) for j in doc["jobs"]]
+    print(f"bpcp: planned {len(sizes)} jobs over {doc['image_sets']} image sets "
+          f"({min(sizes)}-{max(sizes)} per job) with CellProfiler {doc['cellprofiler']['version']}"
+          f"{' (same as the plan already there)' if prepared.reused else ''}: {Path(args.output).resolve() / 'plan.json'}")
+    return prepared
+
+
+def cmd_example(args: argparse.Namespace) -> int:
+    from bpcp.example import PlateSpec, generate_plate
+
+    spec = PlateSpec(plates=tuple(args.plates.split(",")), rows=args.rows, columns=args.columns, sites=args.sites)
+    dest = generate_plate(args.dest, spec)
+    n = len(spec.plates) * len(spec.wells()) * spec.sites
+    print(f"bpcp: wrote an example plate ({n} image sets) to {dest}: load_data.csv, filelist.txt, images/, "
+          "example_loaddata.cppipe, example_images.cppipe")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    _prepare(args)
+    return 0
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from bpcp.run import render
+
+    script = render(RunFolder(args.output.resolve()), _settings(args), args.cellprofiler)
+    print(f"bpcp: wrote {script}; run it with `bash {script}` or `bpcp run --output {args.output}`")
+    return 0
+
+
+def _finish(run: RunFolder, status: int) -> int:
+    from bpcp.merge import merge_run
+    from bpcp.completeness import completeness, summary
+
+    report = completeness(run.root)
+    if report["done"]["jobs"]:
+        merge_run(run.root)
+        report = completeness(run.root)
+    print(summary(report))
+    print(f"bpcp: merged tables in {run.merged}, completeness report in {run.root / 'report.json'}")
+    return 0 if report["complete"] and status == 0 else 1
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from bpcp.run import execute, render
+
+    run = RunFolder(args.output.resolve())
+    if args.pipeline is not None:
+        _prepare(args)
+    elif not run.plan.exists():
+        raise BpcpError("no --pipeline given and no plan in the run folder; pass --dataset and --pipeline")
+    render(run, _settings(args), args.cellprofiler)
+    status = execute(run)
+    if args.no_merge:
+        return 0 if status == 0 else 1
+    return _finish(run, status)
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    return _finish(RunFolder(args.output.resolve()), 0)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from bpcp.completeness import completeness, summary
+
+    report = completeness(args.output.resolve())
+    print(summary(report))
+    return 0 if report["complete"] else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bpcp", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--version", action="version", version=f"bpcp {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("example", help="write a small synthetic plate with example pipelines")
+    p.add_argument("dest", type=Path)
+    p.add_argument("--plates", default="Plate1", help="comma-separated plate names")
+    p.add_argument("--rows", default="AB", help="well rows, e.g. ABCDEFGH")
+    p.add_argument("--columns", type=int, default=4, help="well columns per row")
+    p.add_argument("--sites", type=int, default=2, help="sites per well")
+    p.set_defaults(func=cmd_example)
+
+    p = sub.add_parser("plan", help="check the inputs and write plan.json and per-job inputs")
+    _plan_arguments(p)
+    _output_argument(p)
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("render", help="write jobs.sh, the GNU parallel script, from plan.json")
+    _output_argument(p)
+    _run_arguments(p)
+    p.add_argument("--cellprofiler", help="CellProfiler to call (default: the one the plan was made with)")
+    p.set_defaults(func=cmd_render)
+
+    p = sub.add_parser("run", help="plan, render and run on this host, then merge; rerun to resume")
+    _plan_arguments(p, required=False)
+    _output_argument(p)
+    _run_arguments(p)
+    p.add_argument("--no-merge", action="store_true", help="stop after the jobs, without merging")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("merge", help="merge published tables and write the completeness report")
+    _output_argument(p)
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("status", help="print which groups are done, failed or missing")
+    _output_argument(p)
+    p.set_defaults(func=cmd_status)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except BpcpError as exc:
+        for line in exc.lines:
+            print(f"bpcp: error: {line}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bpcp: interrupted; run the same command again to finish the remaining jobs", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""Everything checkable before work starts. Each check returns problem lines; none has side effects
+except reading files. A problem line names the file, the row or group, and the fix."""
+from __future__ import annotations
+
+import os
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import pyarrow.compute as pc
+
+from bpcp.dataset import ImageSets
+
+MAX_LISTED = 5
+
+
+def _more(items: list, shown: int = MAX_LISTED) -> str:
+    return f" (and {len(items) - shown} more)" if len(items) > shown else ""
+
+
+def check_pipeline_file(pipeline: Path) -> list[str]:
+    if not pipeline.exists():
+        return [f"{pipeline}: pipeline not found; pass --pipeline with a .cppipe file or a Batch_data.h5"]
+    if not pipeline.is_file():
+        return [f"{pipeline}: is a folder, not a pipeline; pass a .cppipe file or a Batch_data.h5"]
+    if not os.access(pipeline, os.R_OK):
+        return [f"{pipeline}: not readable; fix its permissions"]
+    return []
+
+
+def check_output(run_dir: Path) -> list[str]:
+    """The run folder exists or can be made, and is writable."""
+    probe = run_dir
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        return [f"{run_dir}: {probe} is a file, not a folder; choose another --output"]
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return [f"{run_dir}: output folder not writable ({probe}); choose another --output or fix its permissions"]
+    return []
+
+
+def check_pipeline(pipeline: Path, info: dict, kind: str) -> list[str]:
+    """The pipeline suits the dataset and writes tables bpcp can collect."""
+    problems = [f"{pipeline}: {p}" for p in info.get("problems", ())]
+    wants = {"loaddata": "loaddata", "filelist": "images", "folder": "images"}.get(kind)
+    if wants == "loaddata" and info["input"] != "loaddata":
+        problems.append(
+            f"{pipeline}: the dataset is a LoadData CSV but the pipeline has no LoadData module; "
+            "use a pipeline that starts with LoadData, or pass the image folder or a file list as --dataset"
+        )
+    if wants == "images" and info["input"] != "images":
+        problems.append(
+            f"{pipeline}: the dataset is a {kind} but the pipeline reads a LoadData CSV; "
+            "pass the CSV as --dataset, or use a pipeline with Images/NamesAndTypes"
+        )
+    exports = info.get("exports", [])
+    if not exports:
+        problems.append(
+            f"{pipeline}: no ExportToSpreadsheet module, so there are no tables to collect; add "
+            "ExportToSpreadsheet (Export all measurement types: Yes) at the end of the pipeline"
+        )
+    for export in exports:
+        if not export["directory"].startswith("Default Output Folder"):
+            problems.append(
+                f"{pipeline}: ExportToSpreadsheet (module {export['module']}) writes to "
+                f"'{export['directory']}'; set its output file location to Default Output Folder "
+                "so every job keeps its tables in its own folder"
+            )
+        if export["unpredictable"]:
+            problems.append(
+                f"{pipeline}: ExportToSpreadsheet (module {export['module']}) names files from metadata "
+                f"({', '.join(export['unpredictable'])}); use the object names as file names"
+            )
+    return problems
+
+
+def check_group_keys(image_sets: ImageSets, group_by: tuple[str, ...]) -> list[str]:
+    available = image_sets.metadata_keys
+    missing = [k for k in group_by if k not in image_sets.table.column_names]
+    if not missing:
+        return []
+    listing = ", ".join(available) if available else "none"
+    return [
+        f"{image_sets.path}: group key {k} not found (metadata keys here: {listing}); "
+        "pass --group-by with keys from that list, or --group-by none for a single group"
+        for k in missing
+    ]
+
+
+def normalise(value: str) -> str:
+    """Case and zero padding dropped: 'A01' and 'a1' both become 'a1'."""
+    return re.sub(r"0+(?=\d)", "", value.strip().lower())
+
+
+def check_group_values(image_sets: ImageSets, group_by: tuple[str, ...]) -> list[str]:
+    problems = []
+    table = image_sets.table
+    for key in group_by:
+        column = table[key].combine_chunks()
+        empty = pc.indices_nonzero(pc.equal(pc.utf8_trim_whitespace(column), "")).to_pylist()
+        if empty:
+            rows = ", ".join(str(r + 1) for r in empty[:MAX_LISTED])
+            problems.append(
+                f"{image_sets.path}: image set(s) {rows}{_more(empty)} have an empty {key}; "
+                "fill it in, or group by other keys"
+            )
+        variants: dict[str, list[str]] = defaultdict(list)
+        for value in pc.unique(column).to_pylist():
+            variants[normalise(value)].append(value)
+        clashes = [sorted(v) for v in variants.values() if len(v) > 1]
+        for clash in clashes[:MAX_LISTED]:
+            problems.append(
+                f"{image_sets.path}: {key} values {' and '.join(repr(v) for v in clash)} differ only "
+                "by case or zero padding, so they would be separate groups; make them consistent"
+            )
+        if image_sets.kind == "batch":
+            bad = [v for v in pc.unique(column).to_pylist() if "," in v or "=" in v]
+            if bad:
+                problems.append(
+                    f"{image_sets.path}: {key} value {bad[0]!r} holds ',' or '=', which CellProfiler's "
+                    "-g option cannot pass; rename it, or use a LoadData CSV instead of Batch_data.h5"
+                )
+    return problems
+
+
+def check_batch_grouping(image_sets: ImageSets, group_by: tuple[str, ...], info: dict) -> list[str]:
+    if image_sets.kind != "batch":
+        return []
+    keys = info.get("image_sets", {}).get("grouping_keys") or []
+    if sorted(keys) != sorted(group_by):
+        have = ",".join(keys) or "nothing"
+        return [
+            f"{image_sets.path}: the batch file groups by {have}, and CellProfiler can only run its "
+            f"own groups; pass --group-by {have if keys else 'none'} (or re-create it grouped by "
+            f"{','.join(group_by)})"
+        ]
+    return []
+
+
+def check_images_exist(image_sets: ImageSets) -> list[str]:
+    """Every referenced local image exists. Lists each folder once instead of a stat per file."""
+    listings: dict[str, set[str] | None] = {}
+    missing: list[tuple[int, str]] = []
+    remote = []
+    for channel, paths in image_sets.channels.items():
+        for row, path in enumerate(paths.to_pylist()):
+            if "://" in path:
+                remote.append(path)
+                continue
+            folder, _, name = path.rpartition("/")
+            if folder not in listings:
+                try:
+                    listings[folder] = set(os.listdir(folder or "/"))
+                except OSError:
+                    listings[folder] = None
+            names = listings[folder]
+            if names is None or name not in names:
+                missing.append((row, path))
+    problems = []
+    if missing:
+        row, path = missing[0]
+        problems.append(
+            f"{image_sets.path}: image set {row + 1} refers to {path}, which does not exist"
+            f"{_more(missing, 1)}; fix the paths (or mount the images) and plan again"
+        )
+    if remote:
+        problems.append(
+            f"{image_sets.path}: {remote[0]} is a remote URL{_more(remote, 1)}; this version of bpcp "
+            "reads local images only: copy them to local disk and point the paths there"
+        )
+    return problems
