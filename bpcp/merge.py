@@ -1,0 +1,574 @@
+"""Merge the CSV tables of all published jobs into one table per CellProfiler table.
+
+DuckDB reads every job's CSV (all as text), so memory stays bounded by its memory_limit and the
+sort spills to <run>/merged/.duckdb-tmp. Per table:
+
+1. Headers are read with the csv module; repeated names (Metadata_* in some object tables) get
+   private names, are compared with the first copy, and dropped (differences go to the notes).
+2. One pass infers each column's type: BIGINT if every value is an integer, DOUBLE if every
+   value is a number (nan and inf included), else VARCHAR. Metadata_* stay VARCHAR ("01" must
+   stay "01"); a column with no values anywhere is DOUBLE unless it names a file, path or URL.
+3. With local numbering, (job, local ImageNumber) maps to the plan's global ImageNumber,
+   Group_Number, Group_Index and Group_Length, so the result equals one CellProfiler process.
+4. Rows are sorted by (ImageNumber, ObjectNumber), written to parquet and csv, and the keys are
+   checked unique and non-null before the files get their final names.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from bpcp.completeness import EXPERIMENT, completeness, delimiter, load_plan, summary, table_file
+from bpcp.errors import BpcpError
+
+FILE_COLUMN = "bpcp_source_file"
+DUP_MARK = "__bpcp_dup"
+STRING_PREFIXES = ("Metadata_", "FileName_", "PathName_", "URL_", "MD5Digest_",
+                   "ObjectsFileName_", "ObjectsPathName_", "ObjectsURL_")
+# where CellProfiler recorded files it saved into -o (work/<job>/out): rewritten to published/<job>
+OUTPUT_PATH_PREFIXES = ("PathName_", "URL_", "ObjectsPathName_", "ObjectsURL_")
+INT_PATTERN = "[+-]?[0-9]+"
+DEFAULT_COMPARTMENTS = {"cells": "Cells", "cytoplasm": "Cytoplasm", "nuclei": "Nuclei"}
+# CytoTable's cellprofiler_csv preset: these keep their name (or get a Metadata_ prefix)
+IDENTIFYING = ("ImageNumber", "ObjectNumber", "Metadata_Well", "Metadata_Plate",
+               "Parent_Cells", "Parent_Nuclei")
+
+
+class MergeError(BpcpError):
+    """The published outputs cannot be merged into tables with unique keys."""
+
+
+@dataclass
+class TableResult:
+    table: str
+    rows: int
+    columns: int
+    jobs: int
+    files: list[str]
+    seconds: float
+    dropped_duplicates: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class MergeResult:
+    merged_dir: Path
+    jobs_merged: list[str]
+    jobs_skipped: list[str]
+    tables: dict[str, TableResult]
+    single_cell: Path | None
+    notes: list[str]
+    seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["merged_dir"] = str(self.merged_dir)
+        data["single_cell"] = str(self.single_cell) if self.single_cell else None
+        return data
+
+
+def run_sql(con: duckdb.DuckDBPyConnection, statement: str) -> list[tuple]:
+    """Execute and drain (DuckDB refuses new work while a result is unfinished)."""
+    return con.execute(statement).fetchall()
+
+
+def q(name: str) -> str:
+    """Quote an SQL identifier."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def lit(value: str) -> str:
+    """Quote an SQL string literal."""
+    return "'" + value.replace("'", "''") + "'"
+
+
+# ---------------------------------------------------------------- reading headers and sources
+
+def read_header(path: Path, delim: str) -> list[str]:
+    with open(path, newline="") as fd:
+        return next(csv.reader(fd, delimiter=delim), [])
+
+
+def unique_names(header: list[str]) -> list[str]:
+    """Give the 2nd, 3rd... copy of a repeated column a private name (DuckDB's own x_1 is ambiguous)."""
+    seen: Counter[str] = Counter()
+    names = []
+    for name in header:
+        seen[name] += 1
+        names.append(name if seen[name] == 1 else f"{name}{DUP_MARK}{seen[name]}")
+    return names
+
+
+def source_sql(files: list[Path], names: list[str], delim: str) -> str:
+    """A read_csv over files sharing one header; every column as text, plus the source file."""
+    columns = "{" + ", ".join(f"{lit(n)}: 'VARCHAR'" for n in names) + "}"
+    file_list = "[" + ", ".join(lit(str(f)) for f in files) + "]"
+    return (f"SELECT * FROM read_csv({file_list}, auto_detect=false, header=true, "
+            f"delim={lit(delim)}, quote='\"', escape='\"', columns={columns}, "
+            f"filename={lit(FILE_COLUMN)})")
+
+
+def group_by_header(files: list[Path], delim: str) -> dict[tuple[str, ...], list[Path]]:
+    groups: dict[tuple[str, ...], list[Path]] = defaultdict(list)
+    for path in files:
+        header = tuple(read_header(path, delim))
+        if not header:
+            raise MergeError(f"{path} is empty (no header line): rerun that job")
+        groups[header].append(path)
+    return groups
+
+
+# ---------------------------------------------------------------- numbering map
+
+def jobfiles_table(plan: dict[str, Any], jobs: list[dict[str, Any]], table: str,
+                   run_dir: Path) -> pa.Table:
+    """Source file -> job, and the job's CellProfiler -o folder before and after publishing."""
+    rows = [(str(run_dir / "published" / j["id"] / table_file(plan, table)), j["id"],
+             str(run_dir / "work" / j["id"] / "out"), str(run_dir / "published" / j["id"]))
+            for j in jobs]
+    names = ["file", "job", "work_out", "published"]
+    return pa.table({n: [r[i] for r in rows] for i, n in enumerate(names)})
+
+
+def numbering_table(plan: dict[str, Any], jobs: list[dict[str, Any]], table: str,
+                    run_dir: Path) -> pa.Table:
+    """One row per (source file, local ImageNumber): the global numbers a single run would write."""
+    lengths = Counter(n for job in plan["jobs"] for n in job.get("group_numbers", []))
+    cols: dict[str, list[Any]] = defaultdict(list)
+    for job in jobs:
+        path = str(run_dir / "published" / job["id"] / table_file(plan, table))
+        numbers = job["image_numbers"]
+        gnums = job.get("group_numbers") or [None] * len(numbers)
+        gidx = job.get("group_indexes") or [None] * len(numbers)
+        for local, (glob, gn, gi) in enumerate(zip(numbers, gnums, gidx), start=1):
+            cols["file"].append(path)
+            cols["job"].append(job["id"])
+            cols["local"].append(local)
+            cols["global_number"].append(glob)
+            cols["group_number"].append(gn)
+            cols["group_index"].append(gi)
+            cols["group_length"].append(lengths.get(gn) if gn is not None else None)
+    schema = pa.schema([("file", pa.string()), ("job", pa.string()), ("local", pa.int64()),
+                        ("global_number", pa.int64()), ("group_number", pa.int64()),
+                        ("group_index", pa.int64()), ("group_length", pa.int64())])
+    return pa.table({name: cols[name] for name in schema.names}, schema=schema)
+
+
+# ---------------------------------------------------------------- types
+
+def infer_types(con: duckdb.DuckDBPyConnection, view: str, columns: list[str]) -> dict[str, str]:
+    """One scan: BIGINT if all values are integers, DOUBLE if all are numbers, else VARCHAR."""
+    probe = [c for c in columns if not c.startswith("Metadata_")]
+    types = {c: "VARCHAR" for c in columns}
+    if not probe:
+        return types
+    aggs = []
+    for c in probe:
+        aggs.append(f"bool_and({q(c)} IS NULL OR regexp_full_match({q(c)}, '{INT_PATTERN}'))")
+        aggs.append(f"bool_and({q(c)} IS NULL OR TRY_CAST({q(c)} AS DOUBLE) IS NOT NULL)")
+        aggs.append(f"count({q(c)})")
+    row = con.execute(f"SELECT {', '.join(aggs)} FROM {view}").fetchall()[0]
+    for i, c in enumerate(probe):
+        is_int, is_num, non_null = row[3 * i], row[3 * i + 1], row[3 * i + 2]
+        if c in ("ImageNumber", "ObjectNumber"):
+            types[c] = "BIGINT"
+        elif non_null == 0:
+            types[c] = "VARCHAR" if c.startswith(STRING_PREFIXES) else "DOUBLE"
+        elif is_int:
+            types[c] = "BIGINT"
+        elif is_num:
+            types[c] = "DOUBLE"
+    return types
+
+
+def cast(column: str, sql_type: str, source: str = "s") -> str:
+    ref = f"{source}.{q(column)}"
+    return ref if sql_type == "VARCHAR" else f"CAST({ref} AS {sql_type})"
+
+
+# ---------------------------------------------------------------- one table
+
+class _TableMerger:
+    """Merges one CellProfiler table; a class only to share the connection and names."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection, run_dir: Path, plan: dict[str, Any],
+                 jobs: list[dict[str, Any]], table: str, notes: list[str]):
+        self.con, self.run_dir, self.plan, self.jobs, self.table = con, run_dir, plan, jobs, table
+        self.notes = notes
+        self.delim = delimiter(plan)
+        self.files = [run_dir / "published" / j["id"] / table_file(plan, table) for j in jobs]
+        self.view = f"src_{table}"
+
+    def build_source(self) -> tuple[list[str], dict[str, int]]:
+        """Create the text view over all files; return the column order and dropped duplicates."""
+        groups = group_by_header(self.files, self.delim)
+        order: list[str] = []
+        parts, dropped = [], Counter()
+        for header, files in groups.items():
+            names = unique_names(list(header))
+            keep = [n for n in names if DUP_MARK not in n]
+            order += [n for n in keep if n not in order]
+            sql = source_sql(files, names, self.delim)
+            dups = [n for n in names if DUP_MARK in n]
+            if dups:
+                self._compare_duplicates(sql, dups, dropped)
+            parts.append(f"SELECT {', '.join(q(n) for n in keep + [FILE_COLUMN])} FROM ({sql})")
+        union = " UNION ALL BY NAME ".join(f"({p})" for p in parts)
+        run_sql(self.con, f"CREATE OR REPLACE TEMP VIEW {q(self.view)} AS {union}")
+        return order, dict(dropped)
+
+    def _compare_duplicates(self, sql: str, dups: list[str], dropped: Counter) -> None:
+        checks = ", ".join(f"count(*) FILTER (WHERE {q(d.split(DUP_MARK)[0])} IS DISTINCT FROM {q(d)})"
+                           for d in dups)
+        diffs = self.con.execute(f"SELECT {checks} FROM ({sql})").fetchall()[0]
+        for dup, diff in zip(dups, diffs):
+            dropped[dup.replace(DUP_MARK, "#")] += diff
+            if diff:
+                self.notes.append(f"{self.table}: repeated column {dup.split(DUP_MARK)[0]} copy "
+                                  f"{dup.split(DUP_MARK)[1]} differs from the first in {diff} rows; "
+                                  "kept the first copy")
+
+    def select_sql(self, order: list[str], types: dict[str, str]) -> tuple[str, list[str]]:
+        keys = ["ImageNumber"] + (["ObjectNumber"] if "ObjectNumber" in order else [])
+        missing = [k for k in keys if k not in order]
+        if missing:
+            raise MergeError(f"{self.table}: no {missing[0]} column in the published CSVs; "
+                             "is this a CellProfiler ExportToSpreadsheet table?")
+        local = self.plan.get("numbering", "local") == "local"
+        rewrite = {"ImageNumber": "m.global_number", "Group_Number": "m.group_number",
+                   "Group_Index": "m.group_index", "Group_Length": "m.group_length"}
+        exprs = []
+        for c in order:
+            if local and c in rewrite and (c == "ImageNumber" or self._has_groups()):
+                exprs.append(f"{rewrite[c]} AS {q(c)}")
+            elif types[c] == "VARCHAR" and c.startswith(OUTPUT_PATH_PREFIXES):
+                exprs.append(f"replace(s.{q(c)}, f.work_out, f.published) AS {q(c)}")
+            else:
+                exprs.append(f"{cast(c, types[c])} AS {q(c)}")
+        source = f"{q(self.view)} s JOIN jobfiles f ON f.file = s.{FILE_COLUMN}"
+        if local:
+            source += (f" LEFT JOIN numbering m ON m.file = s.{FILE_COLUMN} "
+                       f"AND m.local = TRY_CAST(s.ImageNumber AS BIGINT)")
+        sort = ", ".join(q(k) for k in keys)
+        return f"SELECT * FROM (SELECT {', '.join(exprs)} FROM {source}) ORDER BY {sort}", keys
+
+    def _has_groups(self) -> bool:
+        return all(j.get("group_numbers") and j.get("group_indexes") for j in self.jobs)
+
+    def check_keys(self, parquet: Path, keys: list[str]) -> None:
+        """Fail loudly on a missing or repeated key; name the culprit jobs when we can."""
+        key_list = ", ".join(q(k) for k in keys)
+        nulls = self.con.execute(
+            f"SELECT count(*) FROM read_parquet({lit(str(parquet))}) WHERE "
+            + " OR ".join(f"{q(k)} IS NULL" for k in keys)).fetchall()[0][0]
+        if nulls:
+            raise MergeError([f"{self.table}: {nulls} rows have no {'/'.join(keys)} after renumbering."]
+                             + self._unmapped_jobs())
+        dup = self.con.execute(
+            f"SELECT {key_list}, count(*) AS n FROM read_parquet({lit(str(parquet))}) "
+            f"GROUP BY ALL HAVING count(*) > 1 ORDER BY ALL LIMIT 5").fetchall()
+        if dup:
+            shown = "; ".join(f"{dict(zip(keys, d[:-1]))} x{d[-1]}" for d in dup)
+            raise MergeError([
+                f"{self.table}: key ({', '.join(keys)}) is not unique after merging: {shown}.",
+                "Check plan.json numbering (local vs global) and that no two jobs share image sets."])
+
+    def _unmapped_jobs(self) -> list[str]:
+        if self.plan.get("numbering", "local") != "local":
+            return []
+        rows = self.con.execute(
+            f"SELECT s.{FILE_COLUMN}, max(TRY_CAST(s.ImageNumber AS BIGINT)) FROM {q(self.view)} s "
+            f"ANTI JOIN numbering m ON m.file = s.{FILE_COLUMN} "
+            f"AND m.local = TRY_CAST(s.ImageNumber AS BIGINT) GROUP BY 1 ORDER BY 1 LIMIT 5").fetchall()
+        return [f"  {f}: local ImageNumber up to {n}, more than the plan's image_numbers for that job"
+                for f, n in rows]
+
+    def run(self, out_dir: Path, formats: Iterable[str]) -> TableResult:
+        started = time.monotonic()
+        order, dropped = self.build_source()
+        types = infer_types(self.con, q(self.view), order)
+        self.con.register("jobfiles", jobfiles_table(self.plan, self.jobs, self.table, self.run_dir))
+        if self.plan.get("numbering", "local") == "local":
+            self.con.register("numbering", numbering_table(self.plan, self.jobs, self.table, self.run_dir))
+        select, keys = self.select_sql(order, types)
+        tmp = out_dir / f".{self.table}.parquet.tmp"
+        run_sql(self.con, f"COPY ({select}) TO {lit(str(tmp))} (FORMAT parquet, COMPRESSION zstd)")
+        try:
+            self.check_keys(tmp, keys)
+        except MergeError:
+            tmp.unlink(missing_ok=True)
+            raise
+        written = publish_formats(self.con, tmp, out_dir, self.table, formats)
+        rows = self.con.execute(f"SELECT count(*) FROM read_parquet({lit(str(out_dir / written[0]))})"
+                                ).fetchall()[0][0] if written else 0
+        run_sql(self.con, f"DROP VIEW IF EXISTS {q(self.view)}")
+        return TableResult(self.table, rows, len(order), len(self.jobs), written,
+                           round(time.monotonic() - started, 3), dropped)
+
+
+def publish_formats(con: duckdb.DuckDBPyConnection, tmp: Path, out_dir: Path, table: str,
+                    formats: Iterable[str]) -> list[str]:
+    """Give the checked parquet its final name and write the CSV copy from it (order preserved)."""
+    formats = list(formats)
+    names = []
+    if "csv" in formats:
+        csv_tmp = out_dir / f".{table}.csv.tmp"
+        run_sql(con, f"COPY (SELECT * FROM read_parquet({lit(str(tmp))})) TO {lit(str(csv_tmp))} "
+                    f"(FORMAT csv, HEADER true, DELIMITER ',')")
+        os.replace(csv_tmp, out_dir / f"{table}.csv")
+        names.append(f"{table}.csv")
+    if "parquet" in formats:
+        os.replace(tmp, out_dir / f"{table}.parquet")
+        names.insert(0, f"{table}.parquet")
+    else:
+        tmp.unlink()
+    return names
+
+
+# ---------------------------------------------------------------- Experiment
+
+def read_key_values(path: Path, delim: str) -> list[tuple[str, str]]:
+    with open(path, newline="") as fd:
+        rows = list(csv.reader(fd, delimiter=delim))
+    return [(r[0], r[1] if len(r) > 1 else "") for r in rows[1:] if r]
+
+
+def merge_experiment(run_dir: Path, plan: dict[str, Any], jobs: list[dict[str, Any]],
+                     out_dir: Path, formats: Iterable[str], notes: list[str]) -> TableResult | None:
+    """Experiment (key/value rows) once from the first job; every job's run info beside it."""
+    started = time.monotonic()
+    delim = delimiter(plan)
+    per_job = []
+    for job in jobs:
+        path = run_dir / "published" / job["id"] / table_file(plan, EXPERIMENT)
+        per_job.append((job["id"], read_key_values(path, delim)))
+    if not per_job:
+        return None
+    first = per_job[0][1]
+    table = pa.table({"Key": [k for k, _ in first], "Value": [v for _, v in first]})
+    written = []
+    if "parquet" in formats:
+        pq.write_table(table, out_dir / f"{EXPERIMENT}.parquet")
+        written.append(f"{EXPERIMENT}.parquet")
+    if "csv" in formats:
+        with open(out_dir / f"{EXPERIMENT}.csv", "w", newline="") as fd:
+            writer = csv.writer(fd)
+            writer.writerow(["Key", "Value"])
+            writer.writerows(first)
+        written.append(f"{EXPERIMENT}.csv")
+    rows: dict[str, list[str]] = {"job": [], "Key": [], "Value": []}
+    for jid, pairs in per_job:
+        for key, value in pairs:
+            if key == "Pipeline_Pipeline":  # the whole pipeline text: keep its hash per job
+                key, value = "Pipeline_Pipeline_sha256", hashlib.sha256(value.encode()).hexdigest()
+            rows["job"].append(jid)
+            rows["Key"].append(key)
+            rows["Value"].append(value)
+    pq.write_table(pa.table(rows), out_dir / "jobs_experiment.parquet")
+    written.append("jobs_experiment.parquet")
+    for key in ("CellProfiler_Version", "Pipeline_Pipeline_sha256"):
+        values = {v for k, v in zip(rows["Key"], rows["Value"]) if k == key}
+        if len(values) > 1:
+            notes.append(f"jobs differ in {key}: {sorted(values)[:3]} (see jobs_experiment.parquet)")
+    return TableResult(EXPERIMENT, len(first), 2, len(jobs), written,
+                       round(time.monotonic() - started, 3))
+
+
+# ---------------------------------------------------------------- single cell (CytoTable layout)
+
+def cytotable_name(column: str, stem: str) -> str:
+    """CytoTable's column renaming (cytotable.convert._prepend_column_name, metadata=("image",))."""
+    if column not in IDENTIFYING and not column.startswith(stem):
+        return f"{stem}_{column}"
+    if column in IDENTIFYING and column.startswith(stem):
+        return f"Metadata_{column}"
+    if (column in IDENTIFYING and not column.startswith("Metadata_") and "Image" not in column
+            and "ObjectNumber" not in column and "TableNumber" not in column):
+        return f"Metadata_{stem}_{column}"
+    if not column.startswith("Metadata_") and column in IDENTIFYING:
+        return f"Metadata_{column}"
+    return column
+
+
+def cytotable_sort_key(column: str) -> int:
+    """CytoTable's column order (cytotable.utils._column_sort), applied after an alphabetical sort."""
+    first = ["tablenumber", "metadata_tablenumber", "imagenumber", "metadata_imagenumber",
+             "objectnumber", "object_number"]
+    later = ["image", "cytoplasm", "cells", "nuclei"]
+    low = column.lower()
+    if low in first:
+        return first.index(low)
+    if "metadata" in low:
+        return len(first)
+    for i, prefix in enumerate(later, start=len(first) + 1):
+        if low.startswith(prefix):
+            return i
+    return len(first) + len(later) + 1
+
+
+def renamed_view(con: duckdb.DuckDBPyConnection, parquet: Path, view: str, stem: str) -> list[str]:
+    cols = [r[0] for r in con.execute(f"DESCRIBE SELECT * FROM read_parquet({lit(str(parquet))})").fetchall()]
+    new = [cytotable_name(c, stem) for c in cols]
+    select = ", ".join(f"{q(c)} AS {q(n)}" for c, n in zip(cols, new))
+    run_sql(con, f"CREATE OR REPLACE TEMP VIEW {view} AS SELECT {select} "
+                f"FROM read_parquet({lit(str(parquet))})")
+    return new
+
+
+def single_cell(con: duckdb.DuckDBPyConnection, out_dir: Path,
+                compartments: dict[str, str] = DEFAULT_COMPARTMENTS) -> Path:
+    """Cytoplasm joined to its parent Cells and Nuclei, plus the image's file names (CytoTable)."""
+    cyto, cells, nuclei = compartments["cytoplasm"], compartments["cells"], compartments["nuclei"]
+    image_cols = renamed_view(con, out_dir / "Image.parquet", "sc_image", "Image")
+    cyto_cols = renamed_view(con, out_dir / f"{cyto}.parquet", "sc_cytoplasm", cyto)
+    cell_cols = renamed_view(con, out_dir / f"{cells}.parquet", "sc_cells", cells)
+    nuc_cols = renamed_view(con, out_dir / f"{nuclei}.parquet", "sc_nuclei", nuclei)
+    keys = ("Metadata_ImageNumber", "Metadata_ObjectNumber")
+    picked: dict[str, str] = {"Metadata_ImageNumber": "image"}
+    picked.update({c: "image" for c in image_cols if c.startswith("Image_FileName_")})
+    # CytoTable keeps the last of repeated names (e.g. Metadata_Plate in every compartment)
+    for alias, cols, skip in (("cytoplasm", cyto_cols, keys[:1]), ("cells", cell_cols, keys),
+                              ("nuclei", nuc_cols, keys)):
+        picked.update({c: alias for c in cols if c not in skip})
+    order = sorted(sorted(picked), key=cytotable_sort_key)
+    select = ", ".join(f"{picked[c]}.{q(c)}" for c in order)
+    parent_cells = f"Metadata_{cyto}_Parent_{cells}"
+    parent_nuclei = f"Metadata_{cyto}_Parent_{nuclei}"
+    for need in (parent_cells, parent_nuclei):
+        if need not in cyto_cols:
+            raise MergeError(f"{cyto} has no {need.replace('Metadata_' + cyto + '_', '')} column: "
+                             "cannot join compartments per cell")
+    tmp = out_dir / ".single_cell.parquet.tmp"
+    run_sql(con, f"""COPY (
+        SELECT {select}
+        FROM sc_cytoplasm AS cytoplasm
+        JOIN sc_cells AS cells ON cells.Metadata_ImageNumber = cytoplasm.Metadata_ImageNumber
+             AND cells.Metadata_ObjectNumber = cytoplasm.{q(parent_cells)}
+        JOIN sc_nuclei AS nuclei ON nuclei.Metadata_ImageNumber = cytoplasm.Metadata_ImageNumber
+             AND nuclei.Metadata_ObjectNumber = cytoplasm.{q(parent_nuclei)}
+        JOIN sc_image AS image ON image.Metadata_ImageNumber = cytoplasm.Metadata_ImageNumber
+        ORDER BY image.Metadata_ImageNumber, cytoplasm.Metadata_ObjectNumber
+    ) TO {lit(str(tmp))} (FORMAT parquet, COMPRESSION zstd)""")
+    final = out_dir / "single_cell.parquet"
+    os.replace(tmp, final)
+    return final
+
+
+# ---------------------------------------------------------------- the run
+
+def connect(out_dir: Path, memory_limit: str | None, threads: int | None) -> duckdb.DuckDBPyConnection:
+    spill = out_dir / ".duckdb-tmp"
+    spill.mkdir(parents=True, exist_ok=True)
+    con = duckdb.connect(":memory:")
+    run_sql(con, f"SET temp_directory = {lit(str(spill))}")
+    run_sql(con, f"SET memory_limit = {lit(memory_limit or os.environ.get('BPCP_MERGE_MEMORY', '2GB'))}")
+    if threads:
+        run_sql(con, f"SET threads = {int(threads)}")
+    run_sql(con, "SET enable_progress_bar = false")
+    return con
+
+
+def merge_run(run_dir: Path, formats: Iterable[str] = ("parquet", "csv"),
+              memory_limit: str | None = None, threads: int | None = None,
+              compartments: dict[str, str] | None = DEFAULT_COMPARTMENTS) -> MergeResult:
+    """Merge every done job of the run into <run>/merged/; see the module doc for the rules.
+
+    Jobs that are not done (completeness) are left out of every table, so the merged tables stay
+    consistent with each other. compartments=None skips the single-cell table.
+    """
+    started = time.monotonic()
+    run_dir = Path(run_dir).resolve()
+    plan = load_plan(run_dir)
+    formats = tuple(formats)
+    report = completeness(run_dir)
+    done = {j["id"] for j in report["jobs"] if j["status"] == "done"}
+    jobs = [j for j in plan.get("jobs", []) if j["id"] in done]
+    skipped = [j["id"] for j in plan.get("jobs", []) if j["id"] not in done]
+    out_dir = run_dir / "merged"
+    out_dir.mkdir(exist_ok=True)
+    notes: list[str] = []
+    tables: dict[str, TableResult] = {}
+    sc_path = None
+    if not jobs:
+        notes.append("no job is done yet: nothing merged")
+    else:
+        con = connect(out_dir, memory_limit, threads)
+        try:
+            for table in plan.get("tables", []):
+                if table == EXPERIMENT:
+                    result = merge_experiment(run_dir, plan, jobs, out_dir, formats, notes)
+                else:
+                    result = _TableMerger(con, run_dir, plan, jobs, table, notes).run(out_dir, formats)
+                if result:
+                    tables[table] = result
+            sc_path = _maybe_single_cell(con, plan, out_dir, formats, compartments, notes)
+        finally:
+            con.close()
+            shutil.rmtree(out_dir / ".duckdb-tmp", ignore_errors=True)
+    result = MergeResult(out_dir, [j["id"] for j in jobs], skipped, tables, sc_path, notes,
+                         round(time.monotonic() - started, 3))
+    (out_dir / "merge.json").write_text(json.dumps(result.to_json(), indent=2) + "\n")
+    return result
+
+
+def _maybe_single_cell(con: duckdb.DuckDBPyConnection, plan: dict[str, Any], out_dir: Path,
+                       formats: tuple[str, ...], compartments: dict[str, str] | None,
+                       notes: list[str]) -> Path | None:
+    if not compartments:
+        return None
+    need = ["Image", *compartments.values()]
+    absent = [t for t in need if t not in plan.get("tables", [])]
+    if absent or "parquet" not in formats:
+        why = f"no {', '.join(absent)} table" if absent else "parquet output is off"
+        notes.append(f"single_cell.parquet skipped: {why}")
+        return None
+    return single_cell(con, out_dir, compartments)
+
+
+# ---------------------------------------------------------------- CLI entry points
+
+def run_merge(run_dir: Path, memory_limit: str | None = None) -> int:
+    """`bpcp merge`: merge what is published, print where it went and what is missing.
+
+    Returns 0 when every job is done and merged, 1 when some are not (merged anyway), 2 on error.
+    Never deletes job outputs.
+    """
+    try:
+        result = merge_run(Path(run_dir), memory_limit=memory_limit)
+    except BpcpError as exc:
+        print(f"bpcp merge: {exc}")
+        return 2
+    for name, table in result.tables.items():
+        print(f"{name:<12} {table.rows:>10} rows {table.columns:>5} columns  "
+              f"-> {', '.join(str(result.merged_dir / f) for f in table.files)}")
+    if result.single_cell:
+        print(f"{'single cell':<12} -> {result.single_cell}")
+    for note in result.notes:
+        print(f"note: {note}")
+    report = completeness(Path(run_dir))
+    print(summary(report))
+    print(f"merged {len(result.jobs_merged)} jobs in {result.seconds:.1f} s; "
+          f"report: {Path(run_dir) / 'report.json'}")
+    return 0 if report["complete"] else 1
+
+
+def run_status(run_dir: Path) -> int:
+    """`bpcp status`: write report.json, print the summary; 0 when complete, else 1."""
+    try:
+        report = completeness(Path(run_dir))
+    except BpcpError as exc:
+        print(f"bpcp status: {exc}")
+        return 2
+    print(summary(report))
+    return 0 if report["complete"] else 1
