@@ -102,16 +102,11 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def _finish(run: RunFolder, status: int) -> int:
-    from bpcp.merge import merge_run
-    from bpcp.completeness import completeness, summary
+    """Merge what is published and report completeness; non-zero unless every job is done."""
+    from bpcp.merge import run_merge
 
-    report = completeness(run.root)
-    if report["done"]["jobs"]:
-        merge_run(run.root)
-        report = completeness(run.root)
-    print(summary(report))
-    print(f"bpcp: merged tables in {run.merged}, completeness report in {run.root / 'report.json'}")
-    return 0 if report["complete"] and status == 0 else 1
+    merged = run_merge(run.root)
+    return merged if status == 0 else max(merged, 1)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -134,11 +129,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from bpcp.completeness import completeness, summary
+    from bpcp.merge import run_status
 
-    report = completeness(args.output.resolve())
-    print(summary(report))
-    return 0 if report["complete"] else 1
+    return run_status(args.output.resolve())
 
 
 def build_parser() -> argparse.ArgumentParser:

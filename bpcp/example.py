@@ -62,7 +62,7 @@ def _blob(img: bytearray, size: int, cx: float, cy: float, radius: float, peak: 
 def _site_images(spec: PlateSpec, rng: random.Random) -> list[bytearray]:
     size = spec.size
     images = []
-    for low, high in ((4, 14), (4, 7), (4, 14)):
+    for low, high in ((4, 14), (5, 6), (4, 14)):
         images.append(bytearray(rng.randrange(low, high) for _ in range(size * size)))
     dna, ph3, body = images
     placed: list[tuple[float, float]] = []
