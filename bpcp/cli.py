@@ -112,12 +112,13 @@ def _finish(run: RunFolder, status: int) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from bpcp.run import execute, render
 
+    settings = _settings(args)          # bad settings fail before anything is planned or run
     run = RunFolder(args.output.resolve())
     if args.pipeline is not None:
         _prepare(args)
     elif not run.plan.exists():
         raise BpcpError("no --pipeline given and no plan in the run folder; pass --dataset and --pipeline")
-    render(run, _settings(args), args.cellprofiler)
+    render(run, settings, args.cellprofiler)
     status = execute(run)
     if args.no_merge:
         return 0 if status == 0 else 1

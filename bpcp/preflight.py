@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -29,14 +30,18 @@ def check_pipeline_file(pipeline: Path) -> list[str]:
 
 
 def check_output(run_dir: Path) -> list[str]:
-    """The run folder exists or can be made, and is writable."""
-    probe = run_dir
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        return [f"{run_dir}: {probe} is a file, not a folder; choose another --output"]
-    if not os.access(probe, os.W_OK | os.X_OK):
-        return [f"{run_dir}: output folder not writable ({probe}); choose another --output or fix its permissions"]
+    """The run folder exists or can be made, and a file can be written in it (as root too)."""
+    existed = run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=run_dir, prefix=".bpcp-write-test-"):
+            pass
+    except OSError as exc:
+        return [f"{run_dir}: output folder not writable ({exc.strerror}); choose another --output "
+                "or fix its permissions"]
+    finally:
+        if not existed and run_dir.is_dir() and not any(run_dir.iterdir()):
+            run_dir.rmdir()
     return []
 
 

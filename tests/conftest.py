@@ -52,3 +52,85 @@ def cellprofiler_cmd() -> list[str]:
             if Path(home).is_dir():
                 os.environ["JAVA_HOME"] = home
     return argv
+
+
+# ---------------------------------------------------------------- real run folders (merge tests)
+# A 4-well x 2-site plate (8 image sets); jobs of 2, 1 and 1 wells. Each fixture runs real
+# CellProfiler once per session: about 25-35 s each on 2 cores.
+JOB_WELLS = [["A01", "A02"], ["A03"], ["A04"]]
+
+
+@pytest.fixture(scope="session")
+def cp_plate(tmp_path_factory):
+    from merge_support import Dataset
+
+    from bpcp.example import PlateSpec, generate_plate
+
+    root = tmp_path_factory.mktemp("plate")
+    generate_plate(root, PlateSpec(rows="A", columns=4, sites=2))
+    return Dataset.load(root)
+
+
+@pytest.fixture(scope="session")
+def loaddata_run(cellprofiler_cmd, cp_plate, tmp_path_factory):
+    """(run folder, reference folder): LoadData pipeline, subset CSV per job, local numbering."""
+    from merge_support import build_run
+
+    root = tmp_path_factory.mktemp("loaddata")
+    build_run(cellprofiler_cmd, cp_plate, root / "run", cp_plate.plate_dir / "example_loaddata.cppipe",
+              "loaddata", JOB_WELLS, reference=root / "ref")
+    return root / "run", root / "ref"
+
+
+@pytest.fixture(scope="session")
+def images_run(cellprofiler_cmd, cp_plate, tmp_path_factory):
+    """(run folder, reference folder): Images/NamesAndTypes input, grouped by Well, tab-delimited
+    MyExpt_*.txt tables with image metadata in the object tables; subset file list per job."""
+    from merge_support import build_run, images_variant
+
+    root = tmp_path_factory.mktemp("images")
+    pipeline = images_variant(cp_plate.plate_dir / "example_images.cppipe", root / "variant.cppipe")
+    build_run(cellprofiler_cmd, cp_plate, root / "run", pipeline, "filelist", [["A01"], ["A02", "A03"], ["A04"]],
+              group_by="Metadata_Well", reference=root / "ref",
+              plan_extra={"delimiter": "tab", "table_prefix": "MyExpt_"})
+    return root / "run", root / "ref"
+
+
+@pytest.fixture(scope="session")
+def global_run(cellprofiler_cmd, cp_plate, tmp_path_factory):
+    """Run folder whose jobs ran `-f/-l` over the whole CSV: global numbering (same reference as
+    loaddata_run: same pipeline, same data)."""
+    from merge_support import build_run
+
+    root = tmp_path_factory.mktemp("global")
+    build_run(cellprofiler_cmd, cp_plate, root / "run", cp_plate.plate_dir / "example_loaddata.cppipe",
+              "loaddata", JOB_WELLS, ranges=True)
+    return root / "run"
+
+
+def _venv_of(argv: list[str]) -> str:
+    return str(Path(argv[0]).parent.parent)
+
+
+@pytest.fixture(scope="session")
+def cp_venv(cellprofiler_cmd) -> str:
+    """The CellProfiler venv folder bpcp is pointed at (--cellprofiler)."""
+    return _venv_of(cellprofiler_cmd)
+
+
+@pytest.fixture(scope="session")
+def cp42_venv() -> str:
+    """CellProfiler 4.2.8.1 (BPCP_CELLPROFILER_42 or /opt/cellprofiler/4.2.8.1), or a clean skip."""
+    spec = os.environ.get("BPCP_CELLPROFILER_42", "/opt/cellprofiler/4.2.8.1")
+    exe = _executable(spec)
+    if exe is None or not _version(exe).startswith("4.2"):
+        pytest.skip(f"no CellProfiler 4.2 at {spec} (set BPCP_CELLPROFILER_42)")
+    return str(exe.parent.parent)
+
+
+@pytest.fixture(scope="session")
+def example_plate(tmp_path_factory) -> Path:
+    """The synthetic example plate (8 wells x 2 sites), written once per session. Read-only for tests."""
+    from bpcp.example import generate_plate
+
+    return generate_plate(tmp_path_factory.mktemp("plate"))
