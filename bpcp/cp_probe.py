@@ -26,7 +26,7 @@ def _setting(module, name, default=None):
     return getattr(value, "value", value)
 
 
-def describe_pipeline(pipeline):
+def describe_pipeline(pipeline, batch=False):
     """The facts bpcp needs: input style, grouping keys, what ExportToSpreadsheet writes."""
     modules = [m for m in pipeline.modules() if m.enabled]
     names = [m.module_name for m in modules]
@@ -45,7 +45,7 @@ def describe_pipeline(pipeline):
             info["grouping_keys"] = [
                 "Metadata_" + g.metadata_choice.value for g in m.grouping_metadata
             ]
-        if m.is_create_batch_module():
+        if m.is_create_batch_module() and not batch:
             info["problems"].append(
                 "the pipeline contains CreateBatchFiles; run it once in CellProfiler to make "
                 "Batch_data.h5 and give bpcp that file, or remove the module"
@@ -186,7 +186,7 @@ def main(argv=None):
             raise RuntimeError("; ".join(errors))
         if not list(pipeline.modules()):
             raise RuntimeError("the pipeline has no modules")
-        result["pipeline"] = describe_pipeline(pipeline)
+        result["pipeline"] = describe_pipeline(pipeline, batch=args.batch)
         if args.file_list:
             result["image_sets"] = image_sets(pipeline, args.file_list)
         result["ok"] = True
