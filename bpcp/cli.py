@@ -50,6 +50,8 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
                    help="CellProfiler temp folder root: 'auto' = the RAM disk when mounted (default), '' = on disk")
     g.add_argument("--ramdisk", default=d.ramdisk, help=f"RAM disk mount point (default {d.ramdisk})")
     g.add_argument("--no-pin-threads", action="store_true", help="let each process use many threads")
+    g.add_argument("--sshloginfile", type=Path, default=None,
+                   help="run on these hosts: one GNU parallel sshlogin per line ([slots/]ssh-command, ':' = this host)")
 
 
 def _settings(args: argparse.Namespace) -> RunSettings:
@@ -96,7 +98,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_render(args: argparse.Namespace) -> int:
     from bpcp.run import render
 
-    script = render(RunFolder(args.output.resolve()), _settings(args), args.cellprofiler)
+    script = render(RunFolder(args.output.resolve()), _settings(args), args.cellprofiler, args.sshloginfile)
     print(f"bpcp: wrote {script}; run it with `bash {script}` or `bpcp run --output {args.output}`")
     return 0
 
@@ -118,7 +120,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         _prepare(args)
     elif not run.plan.exists():
         raise BpcpError("no --pipeline given and no plan in the run folder; pass --dataset and --pipeline")
-    render(run, settings, args.cellprofiler)
+    render(run, settings, args.cellprofiler, args.sshloginfile)
     status = execute(run)
     if args.no_merge:
         return 0 if status == 0 else 1

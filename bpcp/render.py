@@ -73,7 +73,7 @@ def _environment() -> jinja2.Environment:
 
 
 def render_script(plan: dict, run_dir: Path, settings: RunSettings, cp_argv: list[str],
-                  cp_env: dict[str, str] | None = None) -> str:
+                  cp_env: dict[str, str] | None = None, multihost: bool = False) -> str:
     """The job script text for a plan. Group values never appear in it: jobs are named by id."""
     version = plan["cellprofiler"]["version"]
     thread_env = list(THREAD_ENV) if settings.pin_threads else [("MPLBACKEND", "Agg")]
@@ -88,7 +88,8 @@ def render_script(plan: dict, run_dir: Path, settings: RunSettings, cp_argv: lis
         "settings": {**asdict(settings), "table_files": plan["table_files"], "delimiter": plan["delimiter"]},
         "numbering": plan["numbering"],
         "kind": plan["dataset"]["kind"],
-        "pipeline_file": plan["pipeline"]["file"],
+        "pipeline_path": ("stage/$id/" if multihost else "") + plan["pipeline"]["file"],
+        "multihost": multihost,
         "cp_argv": cp_argv,
         "cp_env": sorted((cp_env or {}).items()),
         "thread_env": thread_env,
@@ -101,9 +102,24 @@ def joblist(plan: dict) -> str:
     return "".join(f"{job['id']}\t{len(job['image_numbers'])}\n" for job in plan["jobs"])
 
 
+def parse_sshlogins(text: str, source: str) -> list[str]:
+    """GNU parallel sshlogin lines ([slots/]login, ':' = this host); comments and blanks dropped."""
+    logins = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    if not logins:
+        raise BpcpError(f"{source}: no hosts in it; list one GNU parallel sshlogin per line (':' is this host)")
+    return logins
+
+
 def write_script(run: RunFolder, plan: dict, settings: RunSettings, cp_argv: list[str],
-                 cp_env: dict[str, str] | None = None) -> Path:
-    text = render_script(plan, run.root, settings.validate(), cp_argv, cp_env)
+                 cp_env: dict[str, str] | None = None, sshlogins: list[str] | None = None) -> Path:
+    """jobs.sh and joblist.tsv; with sshlogins, also sshlogins.txt and stage/ for remote hosts."""
+    multihost = bool(sshlogins)
+    text = render_script(plan, run.root, settings.validate(), cp_argv, cp_env, multihost)
+    if multihost:
+        from bpcp.stage import write_stage
+
+        write_stage(run, plan)
+        _write_atomic(run.root / "sshlogins.txt", "\n".join(sshlogins) + "\n")
     for job in plan["jobs"]:
         if job.get("group_arg") is not None:
             (run.root / "inputs" / f"{job['id']}.group").write_text(job["group_arg"])

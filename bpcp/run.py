@@ -7,7 +7,7 @@ from pathlib import Path
 
 from bpcp import cellprofiler as cpmod
 from bpcp.errors import BpcpError
-from bpcp.render import RunSettings, write_script
+from bpcp.render import RunSettings, parse_sshlogins, write_script
 from bpcp.runfolder import RunFolder, read_plan
 
 
@@ -18,10 +18,16 @@ def cellprofiler_for(plan: dict, override: str | None = None) -> cpmod.CellProfi
     return cp.with_version(plan["cellprofiler"]["version"])
 
 
-def render(run: RunFolder, settings: RunSettings, cellprofiler: str | None = None) -> Path:
+def render(run: RunFolder, settings: RunSettings, cellprofiler: str | None = None,
+           sshloginfile: Path | None = None) -> Path:
     plan = read_plan(run)
     cp = cellprofiler_for(plan, cellprofiler)
-    return write_script(run, plan, settings, cp.argv(), cp.env)
+    sshlogins = None
+    if sshloginfile is not None:
+        if not Path(sshloginfile).is_file():
+            raise BpcpError(f"{sshloginfile}: sshlogin file not found; list one host per line (':' is this host)")
+        sshlogins = parse_sshlogins(Path(sshloginfile).read_text(), str(sshloginfile))
+    return write_script(run, plan, settings, cp.argv(), cp.env, sshlogins)
 
 
 def execute(run: RunFolder) -> int:
