@@ -175,6 +175,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="print which groups are done, failed or missing")
     _output_argument(p)
     p.set_defaults(func=cmd_status)
+
+    from bpcp import estimate as _estimate, profile as _profile   # issue 6: measure, then forecast
+
+    p = sub.add_parser("profile", help="measure a few jobs (time -v, optionally massif); write profile.json")
+    _profile.add_arguments(p)
+    p.set_defaults(func=_profile.command)
+
+    p = sub.add_parser("estimate", help="forecast wall time, CPU hours and cost from plan.json and profile.json")
+    _estimate.add_arguments(p)
+    p.set_defaults(func=_estimate.command)
     return parser
 
 

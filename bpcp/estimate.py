@@ -135,13 +135,19 @@ class Forecast:
 
 def forecast(sizes: list[int], profile: dict, host: HostType, count: int, model: Model,
              slots_override: int | None = None, background: float = 0.0, setup_seconds: float = 0.0,
-             margin: float = MEM_MARGIN) -> Forecast:
+             margin: float = MEM_MARGIN, schedule_cache: dict | None = None) -> Forecast:
     """Forecast a plan (its job sizes) on `count` hosts of one type."""
     rss = job_rss(profile["derived"], max(sizes))
     by_cpu, by_mem = slot_limits(host.cores, host.mem_bytes, host.ramdisk_bytes, rss, model.cpu_per_process, margin)
     n = slots_override or min(by_cpu, by_mem)
     slow = contention(n, model.cpu_per_process, host.cores, background)
-    sched = simulate(sizes, [(n, slow)] * count, model) if n > 0 else Schedule(math.inf, 0, 0, len(sizes), math.inf)
+    key = (n * count, slow)
+    if schedule_cache is not None and key in schedule_cache:
+        sched = schedule_cache[key]        # identical hosts: only the total of slots matters
+    else:
+        sched = simulate(sizes, [(n * count, slow)], model) if n > 0 else Schedule(math.inf, 0, 0, len(sizes), math.inf)
+        if schedule_cache is not None:
+            schedule_cache[key] = sched
     cpu_h = sum(model.cpu_seconds(s) for s in sizes) / 3600
     return Forecast(host, count, n, by_cpu, by_mem, rss, slow, sched, cpu_h, setup_seconds)
 
@@ -150,22 +156,25 @@ def recommend(sizes: list[int], profile: dict, types: list[HostType], model: Mod
               deadline: float | None = None, budget: float | None = None, pricing: str = "spot",
               setup_seconds: float = 0.0, max_count: int = 128) -> list[Forecast]:
     """Forecasts of every type and count that meet the deadline and budget, best first: cheapest
-    when a deadline is given, else fastest within the budget."""
+    when a deadline is given, else fastest within the budget. Per type, counts grow until more
+    hosts would sit idle, cost more than the budget, or (deadline) one more past the first fit."""
     fits = []
+    cache: dict[tuple[int, float], Schedule] = {}
     for t in types:
+        met = 0
         for c in COUNTS:
             if c > max_count:
                 break
-            f = forecast(sizes, profile, t, c, model, setup_seconds=setup_seconds)
-            if f.slots_per_host < 1:
-                break
+            f = forecast(sizes, profile, t, c, model, setup_seconds=setup_seconds, schedule_cache=cache)
             cost = f.cost(pricing)
-            if cost is None:
+            if f.slots_per_host < 1 or cost is None:
                 break
             if (deadline is None or f.wall <= deadline) and (budget is None or cost <= budget):
                 fits.append(f)
-            if (c - 1) * f.slots_per_host >= len(sizes):
-                break                                   # more hosts would only sit idle
+                met += 1
+            if (budget is not None and cost > budget and (deadline is None or f.wall <= deadline)) \
+                    or (deadline is not None and met >= 2) or (c - 1) * f.slots_per_host >= len(sizes):
+                break
     if deadline is not None:
         fits.sort(key=lambda f: (f.cost(pricing), f.wall))
     else:

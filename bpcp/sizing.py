@@ -158,9 +158,27 @@ def explain_settings(profile: dict, host: dict, plan: dict, margin: float = MEM_
     ]
 
 
-def background_load(seconds: float = 2.0, interval: float = 0.1) -> float:
+def _own_runnable(marker: str) -> int:
+    """Runnable threads of processes whose command line contains marker."""
+    n = 0
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if marker.encode() not in (proc / "cmdline").read_bytes():
+                continue
+            for task in (proc / "task").iterdir():
+                stat = (task / "stat").read_text()
+                n += stat[stat.rindex(")") + 2] == "R"
+        except OSError:
+            continue
+    return n
+
+
+def background_load(seconds: float = 2.0, interval: float = 0.1, exclude: str | None = None) -> float:
     """Runnable tasks of other processes right now: /proc/stat procs_running averaged over a few
-    seconds, minus this reader. Unlike the load average it has no memory of our own last job."""
+    seconds, minus this reader and (exclude) the threads of processes whose command line contains
+    that text. Unlike the load average it has no memory of our own last job."""
     import time
 
     samples = []
@@ -168,7 +186,8 @@ def background_load(seconds: float = 2.0, interval: float = 0.1) -> float:
     while True:
         for line in Path("/proc/stat").read_text().splitlines():
             if line.startswith("procs_running "):
-                samples.append(max(0, int(line.split()[1]) - 1))
+                own = _own_runnable(exclude) if exclude else 0
+                samples.append(max(0, int(line.split()[1]) - 1 - own))
         if time.monotonic() >= end:
             break
         time.sleep(interval)
