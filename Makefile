@@ -28,8 +28,8 @@ hosts: setup
 ## demo: set up this machine and run the example plate end to end; results in $(PLATE)/run
 demo: hosts
 	$(BIN)/bpcp example $(PLATE)
-	$(BIN)/bpcp run --dataset $(PLATE)/load_data.csv --pipeline $(PLATE)/example_loaddata.cppipe \
-	  --output $(PLATE)/run
+	$(BIN)/ansible-playbook run.yml -e dataset=$(PLATE)/load_data.csv \
+	  -e pipeline=$(PLATE)/example_loaddata.cppipe -e output=$(PLATE)/run
 
 ## test: everything CI runs: configure this machine, the Python suite (real CellProfiler, real
 ## GNU parallel), then yamllint, ansible-lint and every Molecule scenario in Docker
