@@ -374,7 +374,10 @@ def measure_massif(argv: list[str], cp: cpmod.CellProfiler, work: Path, timeout:
         result["error"] = "valgrind not installed (ansible-playbook site.yml installs it: role massif)"
         return result
     cmd = [vg, "--tool=massif", "--trace-children=yes", f"--massif-out-file={mdir}/massif.out.%p"] + argv
-    rc, timed_out, secs = _run(cmd, mdir, _env(cp), mdir / "massif.log", timeout)
+    env = _env(cp)
+    if cp.major == 4:   # the JVM's JIT-compiled code (C2) crashes under valgrind: interpret only
+        env["JAVA_TOOL_OPTIONS"] = (env.get("JAVA_TOOL_OPTIONS", "") + " -Xint").strip()
+    rc, timed_out, secs = _run(cmd, mdir, env, mdir / "massif.log", timeout)
     result["wall_seconds"] = round(secs, 2)
     best = None
     for path in sorted(mdir.glob("massif.out.*")):
@@ -490,6 +493,56 @@ def write_profile(path: Path, doc: dict) -> None:
     os.replace(tmp, path)
 
 
+def import_raw(run_dir: Path, folders: list[Path], host: str = "remote") -> dict:
+    """profile.json from raw outputs measured elsewhere (playbooks/profile.yml fetches them): each
+    folder holds meta.json ({"job", "image_sets", "cellprofiler_version"}), time.txt (GNU time -v)
+    and optionally massif.out.*. bpcp parses the raw files itself, as for a local profile."""
+    run = RunFolder(Path(run_dir).resolve())
+    plan = read_plan(run)
+    runs = []
+    for folder in folders:
+        folder = Path(folder)
+        try:
+            meta = json.loads((folder / "meta.json").read_text())
+            t = parse_time_v((folder / "time.txt").read_text(errors="replace"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise BpcpError(f"{folder}: no readable meta.json and time.txt ({exc}); fetch the profile again") from None
+        if t["exit_code"] not in (0, None) or t["signal"]:
+            raise BpcpError(f"{folder}: CellProfiler failed there (exit {t['exit_code']}, signal {t['signal']}); "
+                            "see its command.log")
+        if meta.get("cellprofiler_version") not in (None, plan["cellprofiler"]["version"]):
+            raise BpcpError(f"{folder}: measured with CellProfiler {meta['cellprofiler_version']}, "
+                            f"the plan runs {plan['cellprofiler']['version']}")
+        massif = None
+        outs = sorted(folder.glob("massif.out.*"))
+        helper = json.loads((folder / "helper.json").read_text()) if (folder / "helper.json").exists() else {}
+        if helper.get("massif_error"):     # bpcp-profile's massif run failed: its output is partial
+            massif = {"out": None, "error": helper["massif_error"], "peak_heap_bytes": None}
+        elif outs:
+            parsed = [(o, parse_massif(o.read_text(errors="replace"))) for o in outs]
+            o, best = max(parsed, key=lambda x: x[1]["peak_heap_bytes"])
+            massif = {"out": str(o), "error": None, **{k: v for k, v in best.items() if k != "cmd"}}
+        runs.append({"label": meta["job"], "job": meta["job"], "subset": False, "image_sets": int(meta["image_sets"]),
+                     "wall_seconds": t["wall_seconds"], "user_seconds": t["user_seconds"],
+                     "system_seconds": t["system_seconds"], "cpu_seconds": round(t["user_seconds"] + t["system_seconds"], 3),
+                     "max_rss_bytes": t["max_rss_bytes"], "background_load": float(meta.get("background_load") or 0),
+                     "massif": massif})
+    if not runs:
+        raise BpcpError("--import: give folders with meta.json and time.txt")
+    doc = {
+        "format": FORMAT, "kind": "bpcp-profile", "bpcp_version": __version__,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "host": {"name": host, "cores": None, "loadavg_before": [], "loadavg_after": []},
+        "pipeline": {"sha256": plan["pipeline"]["sha256"], "file": plan["pipeline"]["file"]},
+        "dataset": {"sha256": plan["dataset"]["sha256"], "kind": plan["dataset"]["kind"]},
+        "cellprofiler": {"version": plan["cellprofiler"]["version"], "command": None},
+        "thread_pinning": True, "runs": runs, "derived": derive(runs), "uses": USES,
+        "massif_note": next((r["massif"]["error"] for r in runs if r["massif"] and r["massif"]["error"]), None),
+    }
+    write_profile(run.root / PROFILE_FILE, doc)
+    return doc
+
+
 # ------------------------------------------------------------------ reading, checking
 REQUIRED_DERIVED = ("startup_seconds", "seconds_per_image_set", "cpu_per_process", "max_rss_bytes")
 
@@ -534,7 +587,7 @@ def summary(doc: dict) -> list[str]:
     """What the profile says, and which number is used for what."""
     d = doc["derived"]
     lines = [f"profile of pipeline {doc['pipeline']['sha256'][:12]} with CellProfiler {doc['cellprofiler']['version']} "
-             f"on {doc['host']['name']} (load average {doc['host']['loadavg_before']} before):"]
+             f"on {doc['host']['name']} (load average {doc['host']['loadavg_before'] or 'unknown'} before):"]
     for r in doc["runs"]:
         heap = ""
         if r.get("massif") and r["massif"].get("peak_heap_bytes"):
@@ -569,6 +622,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--massif-timeout", type=float, default=MASSIF_TIMEOUT, help=f"seconds (default {MASSIF_TIMEOUT:.0f})")
     p.add_argument("--timeout", type=float, default=None, help="seconds before a plain run is killed")
     p.add_argument("--cellprofiler", help="CellProfiler to call (default: the plan's)")
+    p.add_argument("--import", dest="import_dirs", nargs="+", type=Path, metavar="DIR",
+                   help="build profile.json from raw outputs measured on another host (playbooks/profile.yml)")
+    p.add_argument("--host", default="remote", help="with --import: the host the outputs came from")
 
 
 def command(args: argparse.Namespace) -> int:
@@ -580,6 +636,11 @@ def command(args: argparse.Namespace) -> int:
             raise BpcpError(f"--sizes {args.sizes!r}: give comma-separated numbers of image sets, e.g. 1,8") from None
     if args.repeat < 1:
         raise BpcpError(f"--repeat {args.repeat}: give 1 or more")
+    if args.import_dirs:
+        doc = import_raw(args.output, args.import_dirs, args.host)
+        for line in summary(doc):
+            print(line)
+        return 0
     doc = profile_run(args.output, args.jobs, sizes, args.massif, args.massif_cellprofiler, args.cellprofiler,
                       args.timeout, args.massif_timeout, args.repeat)
     for line in summary(doc):
