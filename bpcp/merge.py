@@ -11,8 +11,13 @@ memory_limit (default 2GB, env BPCP_MERGE_MEMORY). Per table:
    stay "01"); a column with no values anywhere is DOUBLE unless it names a file, path or URL.
 3. With local numbering, (job, local ImageNumber) maps to the plan's global ImageNumber,
    Group_Number, Group_Index and Group_Length, so the result equals one CellProfiler process.
-4. Rows are sorted by (ImageNumber, ObjectNumber), written to parquet and csv, and the keys are
+4. Paths and URLs CellProfiler recorded for files it saved into its -o folder (work/<job>/out,
+   on this host or a worker) are rewritten to published/<job>/, where those files now are.
+5. Rows are sorted by (ImageNumber, ObjectNumber), written to parquet and csv, and the keys are
    checked unique and non-null before the files get their final names.
+
+Only jobs that completeness() calls done are merged, so all merged tables cover the same image
+sets. ExecutionTime_* and ImageSet_ImageSet keep each job's own values (they cannot match one run).
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ import csv
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from collections import Counter, defaultdict
@@ -83,6 +89,12 @@ def run_sql(con: duckdb.DuckDBPyConnection, statement: str) -> list[tuple]:
     return con.execute(statement).fetchall()
 
 
+def arrow_table(result: duckdb.DuckDBPyRelation) -> pa.Table:
+    """The result as a pyarrow Table (to_arrow_table in DuckDB 2, fetch_arrow_table in 1.x)."""
+    fetch = getattr(result, "to_arrow_table", None) or result.fetch_arrow_table
+    return fetch()
+
+
 def q(name: str) -> str:
     """Quote an SQL identifier."""
     return '"' + name.replace('"', '""') + '"'
@@ -133,11 +145,13 @@ def group_by_header(files: list[Path], delim: str) -> dict[tuple[str, ...], list
 
 def jobfiles_table(plan: dict[str, Any], jobs: list[dict[str, Any]], table: str,
                    run_dir: Path) -> pa.Table:
-    """Source file -> job, and the job's CellProfiler -o folder before and after publishing."""
+    """Source file -> job, and how to turn the job's CellProfiler -o folder (work/<job>/out, on
+    this host or a worker) into published/<job> in recorded paths and URLs."""
     rows = [(str(run_dir / "published" / j["id"] / table_file(plan, table)), j["id"],
-             str(run_dir / "work" / j["id"] / "out"), str(run_dir / "published" / j["id"]))
+             "^(file://)?.*/work/" + re.escape(j["id"]) + "/out",
+             "\\1" + str(run_dir / "published" / j["id"]).replace("\\", "\\\\"))
             for j in jobs]
-    names = ["file", "job", "work_out", "published"]
+    names = ["file", "job", "work_pattern", "published"]
     return pa.table({n: [r[i] for r in rows] for i, n in enumerate(names)})
 
 
@@ -257,7 +271,7 @@ class _TableMerger:
             if local and c in rewrite and (c == "ImageNumber" or self._has_groups()):
                 exprs.append(f"{rewrite[c]} AS {q(c)}")
             elif types[c] == "VARCHAR" and c.startswith(OUTPUT_PATH_PREFIXES):
-                exprs.append(f"replace(s.{q(c)}, f.work_out, f.published) AS {q(c)}")
+                exprs.append(f"regexp_replace(s.{q(c)}, f.work_pattern, f.published) AS {q(c)}")
             else:
                 exprs.append(f"{cast(c, types[c])} AS {q(c)}")
         source = f"{q(self.view)} s JOIN jobfiles f ON f.file = s.{FILE_COLUMN}"
@@ -313,9 +327,8 @@ class _TableMerger:
         except MergeError:
             tmp.unlink(missing_ok=True)
             raise
+        rows = self.con.execute(f"SELECT count(*) FROM read_parquet({lit(str(tmp))})").fetchall()[0][0]
         written = publish_formats(self.con, tmp, out_dir, self.table, formats)
-        rows = self.con.execute(f"SELECT count(*) FROM read_parquet({lit(str(out_dir / written[0]))})"
-                                ).fetchall()[0][0] if written else 0
         run_sql(self.con, f"DROP TABLE IF EXISTS {q(self.view)}")
         return TableResult(self.table, rows, len(order), len(self.jobs), written,
                            round(time.monotonic() - started, 3), dropped)
@@ -430,8 +443,24 @@ def renamed_view(con: duckdb.DuckDBPyConnection, parquet: Path, view: str, stem:
     return new
 
 
+def image_pages(con: duckdb.DuckDBPyConnection, parquet: Path, page_rows: int) -> list[tuple[int, int]]:
+    """(first, last) ImageNumber ranges holding about page_rows rows each (whole images)."""
+    counts = con.execute(f"SELECT ImageNumber, count(*) FROM read_parquet({lit(str(parquet))}) "
+                         "GROUP BY 1 ORDER BY 1").fetchall()
+    pages, first, rows = [], None, 0
+    for number, n in counts:
+        first = number if first is None else first
+        rows += n
+        if rows >= page_rows:
+            pages.append((first, number))
+            first, rows = None, 0
+    if first is not None:
+        pages.append((first, counts[-1][0]))
+    return pages
+
+
 def single_cell(con: duckdb.DuckDBPyConnection, out_dir: Path,
-                compartments: dict[str, str] = DEFAULT_COMPARTMENTS) -> Path:
+                compartments: dict[str, str] = DEFAULT_COMPARTMENTS, page_rows: int = 50_000) -> Path:
     """Cytoplasm joined to its parent Cells and Nuclei, plus the image's file names (CytoTable)."""
     cyto, cells, nuclei = compartments["cytoplasm"], compartments["cells"], compartments["nuclei"]
     image_cols = renamed_view(con, out_dir / "Image.parquet", "sc_image", "Image")
@@ -453,8 +482,7 @@ def single_cell(con: duckdb.DuckDBPyConnection, out_dir: Path,
         if need not in cyto_cols:
             raise MergeError(f"{cyto} has no {need.replace('Metadata_' + cyto + '_', '')} column: "
                              "cannot join compartments per cell")
-    tmp = out_dir / ".single_cell.parquet.tmp"
-    run_sql(con, f"""COPY (
+    join = f"""
         SELECT {select}
         FROM sc_cytoplasm AS cytoplasm
         JOIN sc_cells AS cells ON cells.Metadata_ImageNumber = cytoplasm.Metadata_ImageNumber
@@ -462,8 +490,25 @@ def single_cell(con: duckdb.DuckDBPyConnection, out_dir: Path,
         JOIN sc_nuclei AS nuclei ON nuclei.Metadata_ImageNumber = cytoplasm.Metadata_ImageNumber
              AND nuclei.Metadata_ObjectNumber = cytoplasm.{q(parent_nuclei)}
         JOIN sc_image AS image ON image.Metadata_ImageNumber = cytoplasm.Metadata_ImageNumber
-        ORDER BY image.Metadata_ImageNumber, cytoplasm.Metadata_ObjectNumber
-    ) TO {lit(str(tmp))} (FORMAT parquet, COMPRESSION zstd)""")
+        WHERE cytoplasm.Metadata_ImageNumber BETWEEN $first AND $last
+        ORDER BY image.Metadata_ImageNumber, cytoplasm.Metadata_ObjectNumber"""
+    tmp = out_dir / ".single_cell.parquet.tmp"
+    writer = None
+    try:
+        # page by ImageNumber ranges (as CytoTable does): one wide sort of every cell would spill
+        # gigabytes; the merged inputs are sorted, so each page reads only its row groups
+        for first, last in image_pages(con, out_dir / f"{cyto}.parquet", page_rows):
+            batch = arrow_table(con.sql(join, params={"first": first, "last": last}))
+            if writer is None:
+                writer = pq.ParquetWriter(tmp, batch.schema, compression="zstd")
+            writer.write_table(batch)
+        if writer is None:  # no cytoplasm at all: an empty table with the right columns
+            empty = arrow_table(con.sql(join, params={"first": 0, "last": -1}))
+            writer = pq.ParquetWriter(tmp, empty.schema, compression="zstd")
+            writer.write_table(empty)
+    finally:
+        if writer is not None:
+            writer.close()
     final = out_dir / "single_cell.parquet"
     os.replace(tmp, final)
     return final
