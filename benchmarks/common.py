@@ -193,19 +193,11 @@ def q(value) -> str:
 
 
 def joblog_span(path: Path) -> tuple[float, float, list[float]]:
-    """(first start, last end, job runtimes) of a GNU parallel joblog."""
-    starts, ends, runtimes = [], [], []
-    with open(path) as fd:
-        next(fd)
-        for line in fd:
-            parts = line.rstrip("\n").split("\t")
-            if len(parts) < 9:
-                continue
-            s, r = float(parts[2]), float(parts[3])
-            starts.append(s)
-            ends.append(s + r)
-            runtimes.append(r)
-    return min(starts), max(ends), runtimes
+    """(first start, last end, job runtimes) of a GNU parallel joblog (bpcp.report reads it)."""
+    from bpcp.report import read_joblog
+
+    attempts, _ = read_joblog(path)
+    return (min(a.start for a in attempts), max(a.end for a in attempts), [a.runtime for a in attempts])
 
 
 def load_average() -> str:

@@ -1,0 +1,423 @@
+"""`bpcp report`: one self-contained report.html for a run folder (the picture of how a run went).
+
+Reads only the run folder (docs/run-folder.md): joblog.tsv (GNU parallel's, appended to by every
+resume and retry), published/<job>/bpcp-job.json, failed/<job>/reason.txt, plan.json, and
+profile.json when `bpcp profile` wrote one. Writes <run>/report.html: a Gantt chart of jobs per
+slot per host, the distribution of job times, image sets completed over time, failures with their
+reasons, and how well the cores were used. The charts are one PNG (matplotlib, Agg) embedded as a
+base64 data URI: the file has no external assets and opens anywhere.
+
+Slots are not in the joblog: they are assigned per host from the jobs' start/end overlap (each
+job goes to the lowest slot free at its start), which reproduces GNU parallel's job slots.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bpcp.errors import BpcpError
+
+REPORT_FILE = "report.html"
+LOCAL_HOST = ":"           # GNU parallel's name for the controller itself
+
+
+@dataclass
+class Attempt:
+    """One line of the joblog: one attempt of one job."""
+    seq: int
+    host: str
+    start: float
+    runtime: float
+    exitval: int
+    signal: int
+    job: str
+    image_sets: int
+    slot: int = 0
+
+    @property
+    def end(self) -> float:
+        return self.start + self.runtime
+
+    @property
+    def ok(self) -> bool:
+        return self.exitval == 0 and self.signal == 0
+
+
+@dataclass
+class RunReport:
+    run_dir: Path
+    plan: dict[str, Any]
+    attempts: list[Attempt]
+    published: dict[str, dict[str, Any]]
+    failed: dict[str, str]
+    work_seconds: float | None
+    work_source: str
+    cores: int | None
+    cores_source: str
+    notes: list[str] = field(default_factory=list)
+
+    # ---- derived figures
+    @property
+    def hosts(self) -> list[str]:
+        return sorted({a.host for a in self.attempts})
+
+    def slots(self) -> dict[str, int]:
+        return {h: 1 + max(a.slot for a in self.attempts if a.host == h) for h in self.hosts}
+
+    @property
+    def span(self) -> tuple[float, float]:
+        if not self.attempts:
+            return 0.0, 0.0
+        return min(a.start for a in self.attempts), max(a.end for a in self.attempts)
+
+    def active_wall(self) -> float:
+        """Seconds during which at least one job ran (gaps between resumed runs left out)."""
+        total, cur_start, cur_end = 0.0, None, None
+        for a in sorted(self.attempts, key=lambda a: a.start):
+            if cur_end is None or a.start > cur_end:
+                if cur_end is not None:
+                    total += cur_end - cur_start
+                cur_start, cur_end = a.start, a.end
+            else:
+                cur_end = max(cur_end, a.end)
+        if cur_end is not None:
+            total += cur_end - cur_start
+        return total
+
+    def busy_seconds(self) -> float:
+        return sum(a.runtime for a in self.attempts)
+
+    def summary(self) -> dict[str, Any]:
+        jobs = self.plan.get("jobs", [])
+        wall = self.active_wall()
+        slots = sum(self.slots().values()) if self.attempts else 0
+        busy = self.busy_seconds()
+        ok = [a for a in self.attempts if a.ok]
+        times = [a.runtime for a in ok]
+        out = {
+            "jobs_planned": len(jobs),
+            "jobs_published": sum(1 for j in jobs if j["id"] in self.published),
+            "jobs_failed": sum(1 for j in jobs if j["id"] in self.failed and j["id"] not in self.published),
+            "image_sets_planned": self.plan.get("image_sets", sum(len(j["image_numbers"]) for j in jobs)),
+            "image_sets_published": sum(int(p.get("image_sets", 0)) for p in self.published.values()),
+            "attempts": len(self.attempts),
+            "failed_attempts": len(self.attempts) - len(ok),
+            "hosts": self.slots(),
+            "slots": slots,
+            "wall_seconds": wall,
+            "span_seconds": self.span[1] - self.span[0],
+            "busy_seconds": busy,
+            "busy_fraction": busy / (slots * wall) if slots and wall > 0 else None,
+            "job_seconds": {
+                "min": min(times), "median": statistics.median(times), "max": max(times),
+                "mean": statistics.fmean(times),
+            } if times else None,
+            "work_seconds": self.work_seconds,
+            "work_source": self.work_source,
+            "cores": self.cores,
+            "cores_source": self.cores_source,
+            "efficiency": (self.work_seconds / (self.cores * wall)
+                           if self.work_seconds and self.cores and wall > 0 else None),
+        }
+        return out
+
+
+# ----------------------------------------------------------------------------- reading
+def read_joblog(path: Path) -> tuple[list[Attempt], list[str]]:
+    """Attempts from a GNU parallel joblog; header lines (one per session) and torn lines skipped."""
+    attempts, notes = [], []
+    if not path.exists():
+        return [], [f"{path.name}: not there (no job has run yet)"]
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        if not line.strip() or line.startswith("Seq\t"):
+            continue
+        parts = line.split("\t")
+        if len(parts) < 9:
+            notes.append(f"{path.name} line {number}: {len(parts)} fields, expected 9; skipped")
+            continue
+        try:
+            seq, start, runtime = int(parts[0]), float(parts[2]), float(parts[3])
+            exitval, sig = int(parts[6]), int(parts[7])
+        except ValueError:
+            notes.append(f"{path.name} line {number}: not a joblog line; skipped")
+            continue
+        words = "\t".join(parts[8:]).split()
+        if len(words) >= 2 and words[0] == "bpcp_job":
+            job = words[1]
+            try:
+                sets = int(words[2]) if len(words) > 2 else 0
+            except ValueError:
+                sets = 0
+        else:
+            job, sets = " ".join(words), 0
+        attempts.append(Attempt(seq, parts[1], start, runtime, exitval, sig, job, sets))
+    return attempts, notes
+
+
+def assign_slots(attempts: list[Attempt]) -> None:
+    """Per host, put each attempt on the lowest slot that is free when it starts."""
+    by_host: dict[str, list[Attempt]] = {}
+    for a in attempts:
+        by_host.setdefault(a.host, []).append(a)
+    for items in by_host.values():
+        free_at: list[float] = []
+        for a in sorted(items, key=lambda a: (a.start, a.seq)):
+            for slot, end in enumerate(free_at):
+                if end <= a.start + 1e-6:
+                    a.slot, free_at[slot] = slot, a.end
+                    break
+            else:
+                a.slot = len(free_at)
+                free_at.append(a.end)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def load(run_dir: Path, work_seconds: float | None = None, cores: int | None = None) -> RunReport:
+    run_dir = Path(run_dir)
+    plan = _read_json(run_dir / "plan.json")
+    if plan is None:
+        raise BpcpError(f"{run_dir}: no readable plan.json; is this a bpcp run folder? (bpcp plan writes it)")
+    attempts, notes = read_joblog(run_dir / "joblog.tsv")
+    assign_slots(attempts)
+    published = {}
+    for p in sorted((run_dir / "published").glob("*/bpcp-job.json")):
+        doc = _read_json(p)
+        if doc is None:
+            notes.append(f"{p.relative_to(run_dir)}: unreadable")
+        else:
+            published[p.parent.name] = doc
+    failed = {}
+    for p in sorted((run_dir / "failed").glob("*/reason.txt")):
+        failed[p.parent.name] = p.read_text(errors="replace").strip() or "(empty reason.txt)"
+
+    source = "given" if work_seconds else ""
+    if not work_seconds:
+        profile = _read_json(run_dir / "profile.json")
+        derived = (profile or {}).get("derived") or {}
+        if "startup_seconds" in derived and "seconds_per_image_set" in derived:
+            n = plan.get("image_sets", 0)
+            work_seconds = derived["startup_seconds"] + derived["seconds_per_image_set"] * n
+            source = (f"profile.json: {derived['startup_seconds']:.2f} s start-up + "
+                      f"{derived['seconds_per_image_set']:.3f} s x {n} image sets")
+    cores_source = "given" if cores else ""
+    if not cores:
+        hosts = {a.host for a in attempts}
+        if hosts <= {LOCAL_HOST}:
+            cores, cores_source = os.cpu_count(), "this host's cores (every job ran here)"
+    return RunReport(run_dir, plan, attempts, published, failed, work_seconds, source, cores, cores_source, notes)
+
+
+# ----------------------------------------------------------------------------- charts
+def _host_label(host: str, published: dict[str, dict]) -> str:
+    if host != LOCAL_HOST:
+        return host
+    names = {p.get("host") for p in published.values() if p.get("host")}
+    return f"local ({', '.join(sorted(names))})" if len(names) == 1 else "local"
+
+
+def charts_png(rep: RunReport) -> bytes:
+    """The four charts as one PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t0 = rep.span[0]
+    hosts = rep.hosts
+    slots = rep.slots() if rep.attempts else {}
+    rows = sum(slots.values()) or 1
+    fig = plt.figure(figsize=(12, 4.5 + 0.28 * min(rows, 60)), dpi=100)
+    grid = fig.add_gridspec(2, 2, height_ratios=[max(1.5, 0.28 * min(rows, 60)), 2.6], hspace=0.35, wspace=0.22)
+    ax = fig.add_subplot(grid[0, :])
+    labels, base = [], 0
+    offsets = {}
+    for h in hosts:
+        offsets[h] = base
+        for s in range(slots[h]):
+            labels.append(f"{_host_label(h, rep.published)} slot {s + 1}")
+        base += slots[h]
+    for a in rep.attempts:
+        y = offsets[a.host] + a.slot
+        ax.broken_barh([(a.start - t0, max(a.runtime, 0.01))], (y - 0.4, 0.8),
+                       facecolors="#4C9F70" if a.ok else "#D1495B", edgecolors="white", linewidth=0.5)
+        if rows <= 40 and len(rep.attempts) <= 200 and a.runtime > 0:
+            ax.text(a.start - t0 + a.runtime / 2, y, str(a.image_sets or ""), ha="center", va="center",
+                    fontsize=7, color="white")
+    ax.set_yticks(range(len(labels)))
+    ax.set_yticklabels(labels if len(labels) <= 60 else [""] * len(labels), fontsize=8)
+    ax.set_ylim(-0.6, max(len(labels), 1) - 0.4)
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds since the first job started")
+    ax.set_title("Jobs per slot (green: succeeded, red: failed attempt; number: image sets)")
+    ax.grid(axis="x", alpha=0.3)
+
+    ax2 = fig.add_subplot(grid[1, 0])
+    ok = [a.runtime for a in rep.attempts if a.ok]
+    bad = [a.runtime for a in rep.attempts if not a.ok]
+    if ok or bad:
+        ax2.hist([ok, bad], bins=min(30, max(5, len(rep.attempts) // 2)), stacked=True,
+                 color=["#4C9F70", "#D1495B"], label=["succeeded", "failed"])
+        ax2.legend(fontsize=8)
+    ax2.set_xlabel("job time, s")
+    ax2.set_ylabel("jobs")
+    ax2.set_title("Distribution of job times")
+
+    ax3 = fig.add_subplot(grid[1, 1])
+    done = sorted((a.end - t0, a.image_sets) for a in rep.attempts if a.ok)
+    xs, ys, total = [0.0], [0], 0
+    for t, n in done:
+        xs.append(t)
+        ys.append(total)
+        total += n
+        xs.append(t)
+        ys.append(total)
+    ax3.plot(xs, ys, color="#2E86AB")
+    ax3.set_xlabel("seconds since the first job started")
+    ax3.set_ylabel("image sets completed")
+    ax3.set_title("Throughput")
+    ax3.grid(alpha=0.3)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------- HTML
+CSS = """
+body { font-family: system-ui, sans-serif; margin: 24px; color: #222; max-width: 1300px; }
+h1 { font-size: 22px; } h2 { font-size: 17px; margin-top: 28px; }
+table { border-collapse: collapse; font-size: 13px; }
+td, th { border: 1px solid #ccc; padding: 3px 8px; text-align: left; }
+th { background: #f2f2f2; } td.n { text-align: right; font-variant-numeric: tabular-nums; }
+tr.failed td { background: #fde8ea; } .muted { color: #666; } img { max-width: 100%; }
+"""
+
+
+def _fmt_s(x: float | None) -> str:
+    if x is None:
+        return "-"
+    if x >= 3600:
+        return f"{x / 3600:.2f} h"
+    if x >= 120:
+        return f"{x / 60:.1f} min"
+    return f"{x:.1f} s"
+
+
+def render_html(rep: RunReport, png: bytes) -> str:
+    s = rep.summary()
+    e = html.escape
+    t0 = rep.span[0]
+    out = [
+        "<!DOCTYPE html><html><head><meta charset='utf-8'>",
+        f"<title>bpcp report: {e(rep.run_dir.name)}</title><style>{CSS}</style></head><body>",
+        f"<h1>bpcp run report: {e(str(rep.run_dir))}</h1>",
+        f"<p class='muted'>written {e(time.strftime('%Y-%m-%d %H:%M:%S'))} from joblog.tsv, published/, failed/ and "
+        f"plan.json; CellProfiler {e(str(rep.plan.get('cellprofiler', {}).get('version', '?')))}</p>",
+        "<h2>Summary</h2><table>",
+    ]
+
+    def row(label: str, value: str) -> None:
+        out.append(f"<tr><th>{e(label)}</th><td>{value}</td></tr>")
+
+    row("jobs", f"{s['jobs_published']} of {s['jobs_planned']} published, {s['jobs_failed']} failed")
+    row("image sets", f"{s['image_sets_published']} of {s['image_sets_planned']} published")
+    row("attempts", f"{s['attempts']} in the joblog ({s['failed_attempts']} failed)")
+    row("hosts and slots", e(", ".join(f"{_host_label(h, rep.published)}: {n}" for h, n in s["hosts"].items()) or "-"))
+    row("wall time", f"{_fmt_s(s['wall_seconds'])} with jobs running"
+        + (f" (first start to last end {_fmt_s(s['span_seconds'])})" if s["span_seconds"] - s["wall_seconds"] > 1 else ""))
+    if s["job_seconds"]:
+        j = s["job_seconds"]
+        row("job time", f"min {_fmt_s(j['min'])}, median {_fmt_s(j['median'])}, max {_fmt_s(j['max'])}")
+    bf = s["busy_fraction"]
+    row("busy fraction", (f"{bf:.3f} = sum of job time {_fmt_s(s['busy_seconds'])} / ({s['slots']} slots x "
+                          f"{_fmt_s(s['wall_seconds'])})") if bf is not None else "-")
+    if s["efficiency"] is not None:
+        row("efficiency", f"<b>{s['efficiency']:.3f}</b> = W {_fmt_s(s['work_seconds'])} / ({s['cores']} cores x "
+            f"{_fmt_s(s['wall_seconds'])}); W from {e(s['work_source'])}; cores: {e(s['cores_source'])}")
+    else:
+        why = ("W (one single-threaded process over all image sets) is not known: run `bpcp profile` "
+               "(profile.json) or pass --work-seconds from a benchmark")
+        if s["work_seconds"] and not s["cores"]:
+            why = "the number of cores of the remote hosts is not known: pass --cores"
+        row("efficiency", f"not known: {e(why)}")
+    out.append("</table>")
+
+    out.append("<h2>Charts</h2>")
+    out.append(f"<img id='charts' alt='Gantt chart of jobs per slot, job times and throughput' "
+               f"src='data:image/png;base64,{base64.b64encode(png).decode()}'>")
+
+    out.append("<h2>Failures</h2>")
+    open_failures = {j: r for j, r in rep.failed.items() if j not in rep.published}
+    if open_failures:
+        out.append("<table><tr><th>job</th><th>reason (failed/&lt;job&gt;/reason.txt)</th></tr>")
+        for job, reason in open_failures.items():
+            out.append(f"<tr class='failed'><td>{e(job)}</td><td>{e(reason)}</td></tr>")
+        out.append("</table>")
+    else:
+        out.append("<p>No job is failed.</p>")
+    retried = sorted({a.job for a in rep.attempts if not a.ok} - set(open_failures))
+    if retried:
+        out.append(f"<p>Failed attempts that later succeeded: {e(', '.join(retried))}</p>")
+
+    out.append("<h2>Jobs</h2><table><tr><th>#</th><th>job</th><th>host</th><th>slot</th><th>start, s</th>"
+               "<th>time, s</th><th>image sets</th><th>s per image set</th><th>exit</th><th>signal</th></tr>")
+    for a in sorted(rep.attempts, key=lambda a: (a.start, a.seq)):
+        per = f"{a.runtime / a.image_sets:.2f}" if a.image_sets else "-"
+        out.append(f"<tr class='{'ok' if a.ok else 'failed'} job'><td class='n'>{a.seq}</td><td>{e(a.job)}</td>"
+                   f"<td>{e(_host_label(a.host, rep.published))}</td><td class='n'>{a.slot + 1}</td>"
+                   f"<td class='n'>{a.start - t0:.1f}</td><td class='n'>{a.runtime:.1f}</td>"
+                   f"<td class='n'>{a.image_sets}</td><td class='n'>{per}</td><td class='n'>{a.exitval}</td>"
+                   f"<td class='n'>{a.signal}</td></tr>")
+    out.append("</table>")
+    never = [j["id"] for j in rep.plan.get("jobs", []) if j["id"] not in {a.job for a in rep.attempts}
+             and j["id"] not in rep.published]
+    if never:
+        out.append(f"<p>Planned jobs that have not run: {e(', '.join(never[:50]))}"
+                   f"{f' and {len(never) - 50} more' if len(never) > 50 else ''}</p>")
+    if rep.notes:
+        out.append("<h2>Notes</h2><ul>" + "".join(f"<li>{e(n)}</li>" for n in rep.notes) + "</ul>")
+    out.append("</body></html>\n")
+    return "\n".join(out)
+
+
+def write_report(run_dir: Path, work_seconds: float | None = None, cores: int | None = None,
+                 link: bool = True) -> tuple[Path, dict[str, Any]]:
+    """Write <run>/report.html; returns its path and the summary. With link, an existing
+    report.json (the completeness report) gets a "report_html" key naming it."""
+    run_dir = Path(run_dir).resolve()
+    rep = load(run_dir, work_seconds, cores)
+    text = render_html(rep, charts_png(rep))
+    path = run_dir / REPORT_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    completeness = run_dir / "report.json"
+    doc = _read_json(completeness) if link and completeness.exists() else None
+    if isinstance(doc, dict):
+        doc["report_html"] = REPORT_FILE
+        tmp = completeness.with_name(completeness.name + ".tmp")
+        tmp.write_text(json.dumps(doc, indent=2) + "\n")
+        os.replace(tmp, completeness)
+    return path, rep.summary()
+
+
+def command(run_dir: Path, work_seconds: float | None = None, cores: int | None = None) -> int:
+    path, s = write_report(run_dir, work_seconds, cores)
+    eff = f"efficiency {s['efficiency']:.3f}" if s["efficiency"] is not None else "efficiency not known (no W)"
+    bf = f"busy fraction {s['busy_fraction']:.3f}" if s["busy_fraction"] is not None else "no jobs in the joblog"
+    print(f"bpcp: wrote {path}: {s['jobs_published']}/{s['jobs_planned']} jobs published, "
+          f"{s['jobs_failed']} failed, wall {_fmt_s(s['wall_seconds'])}, {bf}, {eff}")
+    return 0
