@@ -149,9 +149,11 @@ def jobfiles_table(plan: dict[str, Any], jobs: list[dict[str, Any]], table: str,
     this host or a worker) into published/<job> in recorded paths and URLs."""
     rows = [(str(run_dir / "published" / j["id"] / table_file(plan, table)), j["id"],
              "^(file://)?.*/work/" + re.escape(j["id"]) + "/out",
-             "\\1" + str(run_dir / "published" / j["id"]).replace("\\", "\\\\"))
+             "\\1" + str(run_dir / "published" / j["id"]).replace("\\", "\\\\"),
+             "^(file://)?.*/stage/" + re.escape(j["id"]) + "/root/")
             for j in jobs]
-    names = ["file", "job", "work_pattern", "published"]
+    # stage_pattern: inputs a worker read from its staged copy (bpcp.stage) name the original path
+    names = ["file", "job", "work_pattern", "published", "stage_pattern"]
     return pa.table({n: [r[i] for r in rows] for i, n in enumerate(names)})
 
 
@@ -271,7 +273,8 @@ class _TableMerger:
             if local and c in rewrite and (c == "ImageNumber" or self._has_groups()):
                 exprs.append(f"{rewrite[c]} AS {q(c)}")
             elif types[c] == "VARCHAR" and c.startswith(OUTPUT_PATH_PREFIXES):
-                exprs.append(f"regexp_replace(s.{q(c)}, f.work_pattern, f.published) AS {q(c)}")
+                exprs.append(f"regexp_replace(regexp_replace(s.{q(c)}, f.work_pattern, f.published), "
+                             f"f.stage_pattern, '\\1/') AS {q(c)}")
             else:
                 exprs.append(f"{cast(c, types[c])} AS {q(c)}")
         source = f"{q(self.view)} s JOIN jobfiles f ON f.file = s.{FILE_COLUMN}"
