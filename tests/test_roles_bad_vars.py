@@ -28,6 +28,9 @@ def ansible_playbook():
 
 
 def run_site(extra_vars, tags=None):
+    # No side-by-side 4.2.8.1 unless a case asks for it, so that the checks do not
+    # depend on this host's Python 3.9.
+    extra_vars = {"cellprofiler_extra_versions": [], **extra_vars}
     cmd = [ansible_playbook(), "site.yml", "--check", "-e", json.dumps(extra_vars)]
     if tags:
         cmd += ["--tags", tags]
