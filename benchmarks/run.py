@@ -167,7 +167,7 @@ def run_all(args: argparse.Namespace) -> int:
           f"{startup:.1f} s, then {per_set:.2f} s per image set (from the 1-set run, {one:.1f} s)")
     print(f"load average (1, 5, 15 min): before {' '.join(load_before)}, after {' '.join(load_after)}")
     print()
-    header = ["run", "what", "procs", "wall s", "CPU s", "peak RSS GiB", "max proc GiB", "efficiency", "speed-up", "issue s"]
+    header = ["run", "what", "procs", "wall s", "CPU s", "peak RSS GiB", "max proc GiB", "efficiency", "speed-up", "start-ups s/core", "issue s"]
     what = {
         "serial": "one unpinned process (a)",
         "naive": f"parallel -j{cores}, 1 set/process, unpinned (b)",
@@ -181,7 +181,8 @@ def run_all(args: argparse.Namespace) -> int:
         m = results[name]
         table.append([name, what[name], str(m.processes), f"{m.wall:.1f}", f"{m.cpu:.1f}",
                       f"{m.peak_rss / 2**30:.2f}", f"{m.max_process_rss / 2**30:.2f}",
-                      f"{W / (cores * m.wall):.3f}", f"{serial / m.wall:.2f}x", str(ISSUE.get(name, ""))])
+                      f"{W / (cores * m.wall):.3f}", f"{serial / m.wall:.2f}x",
+                      f"{m.processes * startup / min(cores, m.processes):.1f}", str(ISSUE.get(name, ""))])
     widths = [max(len(r[i]) for r in table + [header]) for i in range(len(header))]
     for r in [header] + table:
         print("  ".join(c.ljust(wd) if i < 2 else c.rjust(wd) for i, (c, wd) in enumerate(zip(r, widths))))

@@ -185,6 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("estimate", help="forecast wall time, CPU hours and cost from plan.json and profile.json")
     _estimate.add_arguments(p)
     p.set_defaults(func=_estimate.command)
+
+    from bpcp import report as _report   # issue 7: how the run went, as one HTML page
+
+    p = sub.add_parser("report", help="write report.html: jobs per slot, job times, throughput, failures, efficiency")
+    _report.add_arguments(p)
+    p.set_defaults(func=_report.cli_command)
     return parser
 
 

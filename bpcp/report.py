@@ -12,6 +12,7 @@ job goes to the lowest slot free at its start), which reproduces GNU parallel's 
 """
 from __future__ import annotations
 
+import argparse
 import base64
 import html
 import io
@@ -230,8 +231,12 @@ def _host_label(host: str, published: dict[str, dict]) -> str:
 
 
 def charts_png(rep: RunReport) -> bytes:
-    """The four charts as one PNG."""
-    import matplotlib
+    """The three charts as one PNG."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise BpcpError("bpcp report draws its charts with matplotlib, which is not installed here; "
+                        "pip install matplotlib (the version in requirements/lock.txt)") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -421,3 +426,16 @@ def command(run_dir: Path, work_seconds: float | None = None, cores: int | None 
     print(f"bpcp: wrote {path}: {s['jobs_published']}/{s['jobs_planned']} jobs published, "
           f"{s['jobs_failed']} failed, wall {_fmt_s(s['wall_seconds'])}, {bf}, {eff}")
     return 0
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--output", "-o", type=Path, default=Path("bpcp-run"), help="the run folder (default ./bpcp-run)")
+    p.add_argument("--work-seconds", type=float, default=None, metavar="W",
+                   help="seconds one single-threaded CellProfiler process takes over all image sets "
+                        "(from a benchmark); default: from profile.json when there is one")
+    p.add_argument("--cores", type=int, default=None,
+                   help="cores over all hosts, for the efficiency (default: this host's, when every job ran here)")
+
+
+def cli_command(args: argparse.Namespace) -> int:
+    return command(args.output.resolve(), args.work_seconds, args.cores)

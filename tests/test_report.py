@@ -110,8 +110,6 @@ def test_report_command(runs):
     _, run = runs
     (run / "report.html").unlink()
     proc = bpcp("report", "--output", str(run), "--work-seconds", "12", "--cores", "2")
-    if "invalid choice: 'report'" in proc.stderr:
-        pytest.skip("bpcp report is not wired into the command line yet")
     assert proc.returncode == 0, proc.stderr
     assert "efficiency" in proc.stdout and (run / "report.html").exists()
 
