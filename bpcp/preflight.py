@@ -95,7 +95,7 @@ def check_group_keys(image_sets: ImageSets, group_by: tuple[str, ...]) -> list[s
 
 def normalise(value: str) -> str:
     """Case and zero padding dropped: 'A01' and 'a1' both become 'a1'."""
-    return re.sub(r"0+(?=\d)", "", value.strip().lower())
+    return re.sub(r"(?<!\d)0+(?=\d)", "", value.strip().lower())
 
 
 def check_group_values(image_sets: ImageSets, group_by: tuple[str, ...]) -> list[str]:

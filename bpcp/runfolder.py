@@ -89,6 +89,44 @@ def _absolute_paths(table: pa.Table, base: Path) -> pa.Table:
     return table
 
 
+def _write_loaddata_inputs(run: RunFolder, plan: Plan, table: pa.Table) -> None:
+    """Render all rows to CSV once, in job order, then cut the text into one file per job.
+
+    Tens of thousands of small pyarrow writes take minutes; one write and a split take seconds.
+    Values holding a line break cannot be cut by lines, so those tables take the slow path.
+    """
+    import io
+
+    import pyarrow.compute as pc
+
+    options = pacsv.WriteOptions(quoting_style="needed", include_header=False)
+    order = pa.array([r for rows in plan.rows for r in rows], pa.int64())
+    ordered = table.take(order)
+    multiline = any(
+        pc.any(pc.match_substring_regex(ordered[c], r"[\r\n]")).as_py() for c in ordered.column_names
+    )
+    header = ",".join('"' + c.replace('"', '""') + '"' for c in table.column_names) + "\n"
+    if multiline:
+        for job, rows in zip(plan.doc["jobs"], plan.rows):
+            buf = io.BytesIO()
+            pacsv.write_csv(table.take(pa.array(rows, pa.int64())), buf, options)
+            _replace(run.root / job["input"], header + buf.getvalue().decode())
+        return
+    buf = io.BytesIO()
+    pacsv.write_csv(ordered, buf, options)
+    lines = buf.getvalue().decode().split("\n")     # not splitlines(): values may hold U+2028 etc.
+    start = 0
+    for job, rows in zip(plan.doc["jobs"], plan.rows):
+        _replace(run.root / job["input"], header + "\n".join(lines[start:start + len(rows)]) + "\n")
+        start += len(rows)
+
+
+def _replace(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def write_inputs(run: RunFolder, plan: Plan, image_sets: ImageSets) -> None:
     """One LoadData CSV or file list per job, holding exactly that job's image sets."""
     inputs = run.root / "inputs"
@@ -96,19 +134,12 @@ def write_inputs(run: RunFolder, plan: Plan, image_sets: ImageSets) -> None:
     if image_sets.kind == "batch":
         return
     if image_sets.kind == "loaddata":
-        table = _absolute_paths(image_sets.table, image_sets.path.parent)
-        options = pacsv.WriteOptions(quoting_style="needed")
-        for job, rows in zip(plan.doc["jobs"], plan.rows):
-            tmp = run.root / (job["input"] + ".tmp")
-            pacsv.write_csv(table.take(pa.array(rows, pa.int64())), tmp, options)
-            os.replace(tmp, run.root / job["input"])
+        _write_loaddata_inputs(run, plan, _absolute_paths(image_sets.table, image_sets.path.parent))
         return
     channels = [paths.to_pylist() for paths in image_sets.channels.values()]
     for job, rows in zip(plan.doc["jobs"], plan.rows):
         files = dict.fromkeys(paths[r] for r in rows for paths in channels)
-        tmp = run.root / (job["input"] + ".tmp")
-        tmp.write_text("\n".join(files) + "\n")
-        os.replace(tmp, run.root / job["input"])
+        _replace(run.root / job["input"], "\n".join(files) + "\n")
 
 
 def write_plan(run: RunFolder, plan: Plan, image_sets: ImageSets, pipeline: Path) -> None:

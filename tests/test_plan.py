@@ -134,3 +134,13 @@ def test_planning_a_large_loaddata_csv(tmp_path):
     assert len(doc["jobs"]) == 3840
     assert all(len(j["image_numbers"]) == 9 for j in doc["jobs"])
     assert doc["image_sets"] == 34560
+
+
+@pytest.mark.parametrize("a,b,same", [
+    ("A01", "a1", True), ("Plate10", "Plate100", False), ("P1", "P01", True), ("A10", "A1", False),
+    ("s001", "S1", True), ("100", "10", False), ("0", "00", True),
+])
+def test_case_and_padding_normalisation(a, b, same):
+    from bpcp.preflight import normalise
+
+    assert (normalise(a) == normalise(b)) is same
