@@ -35,7 +35,7 @@ _JOBS = re.compile(r"^(\d+%?|[+-]\d+)$")
 class RunSettings:
     jobs: str = "100%"          # slots per host: a number, N% of cores, or +N/-N
     retries: int = 3            # attempts per job in all (GNU parallel --retries)
-    timeout: str = ""           # per-job limit: seconds (s/m/h/d suffix) or N% of the median job; "" = none
+    timeout: str = "1000%"      # per-job limit: seconds (s/m/h/d suffix) or N% of the median job; "" = none
     memfree: str = "1G"         # start no job below this free memory; kill the youngest below half
     halt: str = "soon,fail=25%"
     tmp_root: str = "auto"      # "auto" = the RAM disk when mounted, else on disk; "" = on disk

@@ -121,14 +121,16 @@ def test_file_list_with_odd_group_values(example_plate, cp_venv, tmp_path):
     assert "rm -rf ~" not in script and "$(touch" not in script
 
 
-def test_example_human_equals_single_process(cp_venv, tmp_path):
+@pytest.mark.parametrize("version", ["cp_venv", "cp42_venv"])
+def test_example_human_equals_single_process(version, request, tmp_path):
     example = SHARED / "data" / "ExampleHuman"
     if not example.is_dir():
         pytest.skip(f"{example} not present")
-    reference = single_process(cp_venv, tmp_path / "ref", "-p", str(example / "ExampleHuman.cppipe"),
+    venv = request.getfixturevalue(version)
+    reference = single_process(venv, tmp_path / "ref", "-p", str(example / "ExampleHuman.cppipe"),
                                "-i", str(example / "images"))
     run = tmp_path / "run"
-    bpcp("run", "--cellprofiler", cp_venv, "-d", str(example / "images"), "-p", str(example / "ExampleHuman.cppipe"),
+    bpcp("run", "--cellprofiler", venv, "-d", str(example / "images"), "-p", str(example / "ExampleHuman.cppipe"),
          "-o", str(run), "--group-by", "none")
     assert_merged_equals(reference, run)
 
