@@ -41,10 +41,15 @@ def _output_argument(parser: argparse.ArgumentParser) -> None:
 def _run_arguments(parser: argparse.ArgumentParser) -> None:
     d = RunSettings()
     g = parser.add_argument_group("how to run")
-    g.add_argument("--jobs", "-j", default=d.jobs, help=f"CellProfiler processes per host (default {d.jobs} of cores)")
+    g.add_argument("--jobs", "-j", default=None,
+                   help=f"CellProfiler processes per host (default: sized from profile.json when the run folder has one, "
+                        f"else {d.jobs} of cores)")
     g.add_argument("--retries", type=int, default=d.retries, help=f"attempts per job (default {d.retries})")
-    g.add_argument("--timeout", default=d.timeout, help="per-job limit: seconds, 90m, 2h, or N%% of the median job")
-    g.add_argument("--memfree", default=d.memfree, help=f"start jobs only above this free memory (default {d.memfree})")
+    g.add_argument("--timeout", default=None,
+                   help=f"per-job limit: seconds, 90m, 2h, or N%% of the median job (default: from profile.json, "
+                        f"else {d.timeout.replace('%', '%%')})")
+    g.add_argument("--memfree", default=None,
+                   help=f"start jobs only above this free memory (default: from profile.json, else {d.memfree})")
     g.add_argument("--halt", default=d.halt, help=f"GNU parallel halt policy (default {d.halt})")
     g.add_argument("--tmp-root", default=d.tmp_root,
                    help="CellProfiler temp folder root: 'auto' = the RAM disk when mounted (default), '' = on disk")
@@ -54,10 +59,33 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
                    help="run on these hosts: one GNU parallel sshlogin per line ([slots/]ssh-command, ':' = this host)")
 
 
-def _settings(args: argparse.Namespace) -> RunSettings:
-    return RunSettings(jobs=str(args.jobs), retries=args.retries, timeout=args.timeout, memfree=args.memfree,
-                       halt=args.halt, tmp_root=args.tmp_root, ramdisk=args.ramdisk,
-                       pin_threads=not args.no_pin_threads).validate()
+SIZED = ("jobs", "timeout", "memfree")
+
+
+def _settings(args: argparse.Namespace, run: RunFolder | None = None) -> RunSettings:
+    """Explicit options first, then what the run folder's profile.json measured, then defaults."""
+    d = RunSettings()
+    measured = _profile_settings(run, args) if run is not None else {}
+    chosen = {k: str(getattr(args, k)) if getattr(args, k) is not None else measured.get(k, getattr(d, k))
+              for k in SIZED}
+    return RunSettings(retries=args.retries, halt=args.halt, tmp_root=args.tmp_root, ramdisk=args.ramdisk,
+                       pin_threads=not args.no_pin_threads, **chosen).validate()
+
+
+def _profile_settings(run: RunFolder, args: argparse.Namespace) -> dict:
+    """jobs, memfree and timeout sized from profile.json for this host, when the run has one."""
+    from bpcp.profile import PROFILE_FILE, load_profile
+    from bpcp.runfolder import read_plan
+    from bpcp.sizing import explain_settings, host_facts, settings_from_profile
+
+    if not (run.root / PROFILE_FILE).exists() or all(getattr(args, k) is not None for k in SIZED):
+        return {}
+    plan = read_plan(run)
+    profile = load_profile(run.root / PROFILE_FILE, plan)
+    host = host_facts(args.ramdisk)
+    for line in explain_settings(profile, host, plan):
+        print(f"bpcp: from profile.json: {line}")
+    return settings_from_profile(profile, host, plan)
 
 
 def _options(args: argparse.Namespace) -> PlanOptions:
@@ -98,7 +126,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_render(args: argparse.Namespace) -> int:
     from bpcp.run import render
 
-    script = render(RunFolder(args.output.resolve()), _settings(args), args.cellprofiler, args.sshloginfile)
+    run = RunFolder(args.output.resolve())
+    script = render(run, _settings(args, run), args.cellprofiler, args.sshloginfile)
     print(f"bpcp: wrote {script}; run it with `bash {script}` or `bpcp run --output {args.output}`")
     return 0
 
@@ -114,13 +143,13 @@ def _finish(run: RunFolder, status: int) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from bpcp.run import execute, render
 
-    settings = _settings(args)          # bad settings fail before anything is planned or run
+    _settings(args)          # bad settings fail before anything is planned or run
     run = RunFolder(args.output.resolve())
     if args.pipeline is not None:
         _prepare(args)
     elif not run.plan.exists():
         raise BpcpError("no --pipeline given and no plan in the run folder; pass --dataset and --pipeline")
-    render(run, settings, args.cellprofiler, args.sshloginfile)
+    render(run, _settings(args, run), args.cellprofiler, args.sshloginfile)
     status = execute(run)
     if args.no_merge:
         return 0 if status == 0 else 1
@@ -135,6 +164,22 @@ def cmd_status(args: argparse.Namespace) -> int:
     from bpcp.merge import run_status
 
     return run_status(args.output.resolve())
+
+
+def cmd_slots(args: argparse.Namespace) -> int:
+    """Jobs one host can take, sized from the run's profile.json (its cores when there is none)."""
+    from bpcp.profile import PROFILE_FILE, load_profile
+    from bpcp.runfolder import read_plan
+    from bpcp.sizing import settings_from_profile
+
+    run = RunFolder(args.output.resolve())
+    if not (run.root / PROFILE_FILE).exists():
+        print(max(1, int(args.cores)))
+        return 0
+    plan = read_plan(run)
+    host = {"cores": args.cores, "mem_bytes": args.mem_mb << 20, "ramdisk_bytes": args.ramdisk_mb << 20}
+    print(settings_from_profile(load_profile(run.root / PROFILE_FILE, plan), host, plan)["jobs"])
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,6 +212,13 @@ def build_parser() -> argparse.ArgumentParser:
     _run_arguments(p)
     p.add_argument("--no-merge", action="store_true", help="stop after the jobs, without merging")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("slots", help="how many jobs a host of these cores and memory can take (from profile.json)")
+    _output_argument(p)
+    p.add_argument("--cores", type=float, required=True)
+    p.add_argument("--mem-mb", type=int, required=True)
+    p.add_argument("--ramdisk-mb", type=int, default=0)
+    p.set_defaults(func=cmd_slots)
 
     p = sub.add_parser("merge", help="merge published tables and write the completeness report")
     _output_argument(p)
