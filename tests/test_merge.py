@@ -164,7 +164,8 @@ def test_single_cell_equals_cytotable(merged_loaddata, tmp_path):
     code = ("import cytotable, sys; cytotable.convert(source_path=sys.argv[1], dest_path=sys.argv[2], "
             "dest_datatype='parquet', preset='cellprofiler_csv')")
     env = {**os.environ, "HOME": str(home), "PATH": f"{python.parent}:{os.environ['PATH']}"}
-    subprocess.run([str(python), "-c", code, str(source), str(out)], check=True, env=env, timeout=300)
+    subprocess.run([str(python), "-c", code, str(source), str(out)], check=True, env=env, timeout=300,
+                   cwd=tmp_path)  # parsl writes runinfo/ into the working folder
     theirs, ours = pq.read_table(out), pq.read_table(result.single_cell)
     assert theirs.column_names == ours.column_names
     assert theirs.schema.types == ours.schema.types
