@@ -8,7 +8,6 @@ BIN := $(VENV)/bin
 PLATE ?= example-plate
 # CellProfiler 4.2.8.1 needs Python 3.9: the tests install it beside 5.0 when one is found.
 PYTHON39 ?= $(firstword $(wildcard /usr/bin/python3.9 /usr/local/bin/python3.9 /root/.pyenv/versions/3.9*/bin/python3.9))
-SITE_TEST_VARS := $(if $(PYTHON39),-e '{"cellprofiler_extra_versions": ["4.2.8.1"], "cellprofiler_python39": "$(PYTHON39)"}',)
 
 .PHONY: setup hosts demo test test-python test-ansible clean
 
@@ -34,7 +33,9 @@ demo: hosts
 ## test: everything CI runs: configure this machine, the Python suite (real CellProfiler, real
 ## GNU parallel), then yamllint, ansible-lint and every Molecule scenario in Docker
 test: setup
-	$(BIN)/ansible-playbook site.yml $(SITE_TEST_VARS)
+	extra=(); if [ -n "$(PYTHON39)" ]; then \
+	  extra=(-e '{"cellprofiler_extra_versions": ["4.2.8.1"]}' -e "cellprofiler_python39=$(PYTHON39)"); fi; \
+	$(BIN)/ansible-playbook site.yml "$${extra[@]}"
 	$(MAKE) test-python test-ansible
 
 test-python: setup
