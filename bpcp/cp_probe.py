@@ -188,7 +188,18 @@ def main(argv=None):
             raise RuntimeError("the pipeline has no modules")
         result["pipeline"] = describe_pipeline(pipeline, batch=args.batch)
         if args.file_list:
-            result["image_sets"] = image_sets(pipeline, args.file_list)
+            java = str(cp_version).startswith("4")   # 4.x builds image sets in Java
+            if java:
+                from cellprofiler_core.utilities.java import start_java
+
+                start_java()
+            try:
+                result["image_sets"] = image_sets(pipeline, args.file_list)
+            finally:
+                if java:
+                    from cellprofiler_core.utilities.java import stop_java
+
+                    stop_java()
         result["ok"] = True
     except Exception as exc:  # report, don't crash: the caller turns this into one clear line
         result["error"] = "%s: %s" % (type(exc).__name__, exc)
