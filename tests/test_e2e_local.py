@@ -19,7 +19,7 @@ from merge_support import assert_table_equal
 pytestmark = [pytest.mark.cellprofiler, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
+SHARED = (ROOT.parent / "shared").resolve()
 TABLES = ("Image", "Nuclei", "PH3", "Cells", "Cytoplasm")
 BPCP = [sys.executable, "-m", "bpcp.cli"]
 
