@@ -39,7 +39,7 @@ class Workload:
     image_sets: int = 24
     sites: int = 3            # image sets per well: one Plate+Well group
     size: int = 1024
-    nuclei: int = 120
+    nuclei: int = 70
     seed: int = 7
 
     def wells(self) -> int:

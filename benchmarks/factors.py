@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-sets", type=int, default=12)
     p.add_argument("--sites", type=int, default=3)
     p.add_argument("--size", type=int, default=1024)
-    p.add_argument("--nuclei", type=int, default=120)
+    p.add_argument("--nuclei", type=int, default=70)
     p.add_argument("--cellprofiler", default="/opt/cellprofiler/5.0")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/bpcp-factors"))
     p.add_argument("--only", default="pin,bundle,order,tmp,merge")

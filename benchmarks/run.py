@@ -1,6 +1,6 @@
 """bpcp against the other ways of running CellProfiler in parallel, measured side by side.
 
-    .venv/bin/python benchmarks/run.py [--image-sets 24] [--size 1024] [--sites 3] [--nuclei 120]
+    .venv/bin/python benchmarks/run.py [--image-sets 24] [--size 1024] [--sites 3] [--nuclei 70]
                                        [--cellprofiler /opt/cellprofiler/5.0] [--workdir /tmp/bpcp-bench]
 
 Generates a plate (bpcp.example at 1024x1024, 3 channels) and runs the measurement-heavy pipeline
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-sets", type=int, default=24)
     p.add_argument("--sites", type=int, default=3, help="image sets per well (Plate+Well group)")
     p.add_argument("--size", type=int, default=1024, help="image width and height, px")
-    p.add_argument("--nuclei", type=int, default=120, help="nuclei per image")
+    p.add_argument("--nuclei", type=int, default=70, help="nuclei per image")
     p.add_argument("--cellprofiler", default="/opt/cellprofiler/5.0")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/bpcp-bench"))
     p.add_argument("--wait-quiet", type=float, default=0.0, metavar="LOAD",
