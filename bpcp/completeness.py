@@ -113,6 +113,8 @@ def completeness(run_dir: Path, write: bool = True) -> dict[str, Any]:
         "counts": counts,
         "jobs": jobs,
     }
+    if (run_dir / "report.html").exists():      # `bpcp report` output, kept linked across merges
+        report["report_html"] = "report.html"
     if write:
         _write_json(run_dir / "report.json", report)
     return report
