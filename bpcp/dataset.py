@@ -220,7 +220,8 @@ def read_with_cellprofiler(path: Path, kind: str, pipeline: Path, cp: cpmod.Cell
     if not files:
         raise BpcpError(f"{path}: no files in it; point --dataset at the folder or list that holds the images")
     digest = hashlib.sha256("\n".join(files).encode()).hexdigest()
-    missing = [f for f in files[:100000] if "://" not in f and not os.path.exists(f)]
+    # a folder's files were just listed; only a file list can name files that are not there
+    missing = [f for f in files if "://" not in f and not os.path.exists(f)] if kind == "filelist" else []
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise BpcpError(f"{path}: lists {missing[0]}{more}, which does not exist; fix the file list")

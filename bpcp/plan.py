@@ -12,7 +12,6 @@ import re
 from dataclasses import dataclass
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from bpcp import __version__
 from bpcp.dataset import ImageSets

@@ -11,7 +11,7 @@ import jinja2
 
 from bpcp import __version__
 from bpcp.errors import BpcpError
-from bpcp.runfolder import RunFolder
+from bpcp.runfolder import RunFolder, write_atomic
 
 # One thread per CellProfiler process: unpinned processes burn CPU spinning (see benchmarks/).
 THREAD_ENV = (
@@ -119,17 +119,12 @@ def write_script(run: RunFolder, plan: dict, settings: RunSettings, cp_argv: lis
         from bpcp.stage import write_stage
 
         write_stage(run, plan)
-        _write_atomic(run.root / "sshlogins.txt", "\n".join(sshlogins) + "\n")
+        write_atomic(run.root / "sshlogins.txt", "\n".join(sshlogins) + "\n")
     for job in plan["jobs"]:
         if job.get("group_arg") is not None:
             (run.root / "inputs" / f"{job['id']}.group").write_text(job["group_arg"])
-    _write_atomic(run.joblist, joblist(plan))
-    _write_atomic(run.jobs_script, text)
+    write_atomic(run.joblist, joblist(plan))
+    write_atomic(run.jobs_script, text)
     run.jobs_script.chmod(0o755)
     return run.jobs_script
 
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

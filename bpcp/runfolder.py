@@ -1,6 +1,7 @@
 """The run folder every command shares (docs/run-folder.md): names, and reading/writing the plan."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -8,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from bpcp.dataset import PATH_PREFIXES, ImageSets
@@ -77,8 +79,6 @@ def same_work(old: dict, new: dict) -> list[str]:
 
 def _absolute_paths(table: pa.Table, base: Path) -> pa.Table:
     """Job CSVs live in the run folder: turn relative PathName columns into absolute ones."""
-    import pyarrow.compute as pc
-
     for i, name in enumerate(table.column_names):
         if name.startswith(PATH_PREFIXES):
             col = table[name].combine_chunks()
@@ -95,10 +95,6 @@ def _write_loaddata_inputs(run: RunFolder, plan: Plan, table: pa.Table) -> None:
     Tens of thousands of small pyarrow writes take minutes; one write and a split take seconds.
     Values holding a line break cannot be cut by lines, so those tables take the slow path.
     """
-    import io
-
-    import pyarrow.compute as pc
-
     options = pacsv.WriteOptions(quoting_style="needed", include_header=False)
     order = pa.array([r for rows in plan.rows for r in rows], pa.int64())
     ordered = table.take(order)
@@ -110,18 +106,19 @@ def _write_loaddata_inputs(run: RunFolder, plan: Plan, table: pa.Table) -> None:
         for job, rows in zip(plan.doc["jobs"], plan.rows):
             buf = io.BytesIO()
             pacsv.write_csv(table.take(pa.array(rows, pa.int64())), buf, options)
-            _replace(run.root / job["input"], header + buf.getvalue().decode())
+            write_atomic(run.root / job["input"], header + buf.getvalue().decode())
         return
     buf = io.BytesIO()
     pacsv.write_csv(ordered, buf, options)
     lines = buf.getvalue().decode().split("\n")     # not splitlines(): values may hold U+2028 etc.
     start = 0
     for job, rows in zip(plan.doc["jobs"], plan.rows):
-        _replace(run.root / job["input"], header + "\n".join(lines[start:start + len(rows)]) + "\n")
+        write_atomic(run.root / job["input"], header + "\n".join(lines[start:start + len(rows)]) + "\n")
         start += len(rows)
 
 
-def _replace(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
+    """Write text to a temporary sibling, then rename it over path: readers never see half a file."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -139,7 +136,7 @@ def write_inputs(run: RunFolder, plan: Plan, image_sets: ImageSets) -> None:
     channels = [paths.to_pylist() for paths in image_sets.channels.values()]
     for job, rows in zip(plan.doc["jobs"], plan.rows):
         files = dict.fromkeys(paths[r] for r in rows for paths in channels)
-        _replace(run.root / job["input"], "\n".join(files) + "\n")
+        write_atomic(run.root / job["input"], "\n".join(files) + "\n")
 
 
 def write_plan(run: RunFolder, plan: Plan, image_sets: ImageSets, pipeline: Path) -> None:
@@ -151,6 +148,4 @@ def write_plan(run: RunFolder, plan: Plan, image_sets: ImageSets, pipeline: Path
     if not copy.exists():
         shutil.copyfile(pipeline, copy)
     write_inputs(run, plan, image_sets)
-    tmp = run.plan.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(plan.doc, indent=1))
-    os.replace(tmp, run.plan)
+    write_atomic(run.plan, json.dumps(plan.doc, indent=1))

@@ -238,7 +238,7 @@ def test_kill_midway_then_rerun_finishes_each_group_exactly_once(cp_venv, tmp_pa
             killed_parallel, killed_cp = parallel[0], cps[0]
             break
         time.sleep(0.2)
-    assert killed_parallel, "never saw a published job alongside two running CellProfilers"
+    assert killed_parallel and killed_cp, "never saw a published job alongside two running CellProfilers"
     out = first.communicate(timeout=600)[0].decode()
     assert first.returncode != 0, out            # the interrupted run says it is incomplete
     before = _published(run)

@@ -3,7 +3,6 @@ real runs on this machine against their measured wall time."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import threading
