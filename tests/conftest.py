@@ -134,3 +134,23 @@ def example_plate(tmp_path_factory) -> Path:
     from bpcp.example import generate_plate
 
     return generate_plate(tmp_path_factory.mktemp("plate"))
+
+
+# ---------------------------------------------------------------- a local AWS endpoint (issue 5)
+@pytest.fixture(scope="session")
+def aws_endpoint(tmp_path_factory):
+    """moto's server on 127.0.0.1 for the whole session; `aws_endpoint.env` points clients at it."""
+    import aws_endpoint as ae
+
+    endpoint = ae.start(tmp_path_factory.mktemp("moto") / "moto.log")
+    yield endpoint
+    ae.stop(endpoint)
+
+
+@pytest.fixture
+def aws(aws_endpoint, monkeypatch):
+    """The endpoint, emptied, with this process's environment pointing at it."""
+    aws_endpoint.reset()
+    for key, value in aws_endpoint.env.items():
+        monkeypatch.setenv(key, value)
+    return aws_endpoint

@@ -1,0 +1,82 @@
+"""A real local AWS endpoint for tests: moto's server on a free 127.0.0.1 port.
+
+Every AWS call in the tests goes there (boto3, the AWS CLI, Ansible's amazon.aws modules and the
+aws_ec2 inventory plugin) through `AwsEndpoint.env`; no test may talk to real AWS.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REGION = "us-east-1"
+# Fake credentials: moto accepts any. A test that plants a "secret" uses its own value.
+FAKE_KEY_ID = "AKIAIOSFODNN7EXAMPLE"
+FAKE_SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class AwsEndpoint:
+    url: str
+    process: subprocess.Popen
+    env: dict[str, str] = field(default_factory=dict)
+
+    def client(self, service: str):
+        import boto3
+
+        return boto3.client(service, endpoint_url=self.url, region_name=REGION,
+                            aws_access_key_id=FAKE_KEY_ID, aws_secret_access_key=FAKE_SECRET)
+
+    def reset(self) -> None:
+        """Forget every resource (moto's reset API), so tests do not see each other's."""
+        req = urllib.request.Request(f"{self.url}/moto-api/reset", method="POST")
+        urllib.request.urlopen(req, timeout=10).read()
+
+
+def start(log: Path) -> AwsEndpoint:
+    port = free_port()
+    exe = Path(sys.executable).with_name("moto_server")
+    out = open(log, "wb")
+    proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/moto-api/", timeout=2).read()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(f"moto_server did not come up on {url}; see {log}")
+            time.sleep(0.2)
+    env = {
+        "AWS_ENDPOINT_URL": url,            # boto3/botocore >= 1.31, AWS CLI v1 >= 1.29
+        "AWS_ACCESS_KEY_ID": FAKE_KEY_ID,
+        "AWS_SECRET_ACCESS_KEY": FAKE_SECRET,
+        "AWS_DEFAULT_REGION": REGION,
+        "AWS_REGION": REGION,
+        # never read the developer's own ~/.aws
+        "AWS_CONFIG_FILE": os.devnull,
+        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    return AwsEndpoint(url, proc, env)
+
+
+def stop(endpoint: AwsEndpoint) -> None:
+    endpoint.process.terminate()
+    try:
+        endpoint.process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        endpoint.process.kill()
