@@ -243,6 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="write report.html: jobs per slot, job times, throughput, failures, efficiency")
     _report.add_arguments(p)
     p.set_defaults(func=_report.cli_command)
+
+    from bpcp import ec2 as _ec2   # issue 5: EC2 workers for a run
+
+    p = sub.add_parser("ec2", help="EC2 workers: launch template, launch (spot first), list, terminate, cost")
+    _ec2.add_arguments(p)
     return parser
 
 
