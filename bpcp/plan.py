@@ -3,11 +3,15 @@
 A group is never split across jobs: pipelines that aggregate over a group (illumination
 correction over a plate, tracking over a time series) must see the whole group in one process.
 Small groups may be bundled into one job, but only when CellProfiler will still keep them apart.
+By default (bundle=AUTO) groups are bundled into about one job per slot, at most AUTO_MAX_SETS
+image sets each: every CellProfiler process pays a few seconds of start-up, which on a short job
+is a large share of its time, while a huge job makes retries and resumes coarse.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass
 
@@ -25,11 +29,32 @@ AGGREGATING_MODULES = frozenset({
 })
 
 
+AUTO = -1            # bundle: about one job per slot, at most AUTO_MAX_SETS image sets per job
+AUTO_MAX_SETS = 16   # a 9-site well stays one job; 2-3-site wells bundle by 5-8
+
+
 @dataclass(frozen=True)
 class PlanOptions:
     group_by: tuple[str, ...] = DEFAULT_GROUP_BY
     only: tuple[dict[str, str], ...] = ()    # keep groups matching any of these (all keys equal)
-    bundle: int = 0                          # pack small groups into jobs of about this many image sets
+    bundle: int = 0                          # image sets per job to pack groups into; 0: never, AUTO: per slots
+    slots: int = 1                           # CellProfiler processes the run will have (for AUTO)
+
+
+def parse_bundle(text: str | int) -> int:
+    """'auto' -> AUTO, '0' -> 0 (one group per job), 'N' -> N image sets per job."""
+    value = str(text).strip().lower()
+    if value == "auto":
+        return AUTO
+    if not value.isdigit():
+        raise BpcpError(f"--bundle {text}: give 'auto', a number of image sets per job, or 0 for one group per job")
+    return int(value)
+
+
+def auto_bundle(image_sets: int, slots: int, max_sets: int = AUTO_MAX_SETS) -> int:
+    """Image sets per job for about one job per slot (never more than max_sets per job)."""
+    jobs = max(1, slots, math.ceil(image_sets / max_sets))
+    return math.ceil(image_sets / jobs)
 
 
 @dataclass
@@ -147,14 +172,26 @@ def make_plan(image_sets: ImageSets, pipeline: dict, options: PlanOptions, *, cp
         wanted = " or ".join(",".join(f"{k}={v}" for k, v in c.items()) for c in options.only)
         raise BpcpError(f"--only {wanted}: matches no group of {image_sets.path}; check the values in the dataset (Metadata_* columns)")
     groups.sort(key=lambda g: tuple(g[0].values()))
-    if options.bundle > 1:
+    target = options.bundle
+    bundling = {"asked": "auto" if target == AUTO else target, "slots": options.slots}
+    if target == AUTO:
+        target = auto_bundle(sum(len(g[1]) for g in groups), options.slots)
+        if target > 1 and image_sets.kind == "batch":
+            target, bundling["why_not"] = 0, "a Batch_data.h5 job runs one CellProfiler group (-g)"
+        elif target > 1 and not bundling_is_safe(pipeline, keys):
+            target, bundling["why_not"] = 0, "the pipeline aggregates across image sets without grouping by " + ",".join(keys)
+    bundling["sets_per_job"] = max(target, 0)
+    if target > 1 and image_sets.kind == "batch":
+        raise BpcpError("--bundle: a Batch_data.h5 job runs exactly one CellProfiler group (-g); "
+                        "drop --bundle (or pass --bundle 0), or plan from the LoadData CSV or images instead")
+    if target > 1:
         if not bundling_is_safe(pipeline, keys):
             raise BpcpError(
                 f"--bundle: the pipeline aggregates across image sets ({', '.join(sorted(AGGREGATING_MODULES.intersection(pipeline.get('modules', ()))))}) "
                 f"but does not group by {','.join(keys)}, so bundled groups would be mixed; "
                 "group by these keys in LoadData or the Groups module, or drop --bundle"
             )
-        job_groups = _bundle(groups, options.bundle)
+        job_groups = _bundle(groups, target)
     else:
         job_groups = [[g] for g in groups]
     group_numbers, group_indexes = single_run_groups(image_sets, pipeline.get("grouping_keys") or [])
@@ -183,6 +220,7 @@ def make_plan(image_sets: ImageSets, pipeline: dict, options: PlanOptions, *, cp
         "pipeline": pipeline_doc,
         "cellprofiler": {"version": cp_version},
         "group_by": list(keys),
+        "bundle": bundling,
         "pipeline_grouping": pipeline.get("grouping_keys") or [],
         "numbering": numbering,
         "tables": sorted(table_files),

@@ -10,7 +10,7 @@ import pytest
 from bpcp.dataset import ImageSets, read_loaddata
 from bpcp.errors import BpcpError
 from bpcp.plan import (
-    PlanOptions, bundling_is_safe, group_rows, job_id, make_plan, parse_group_by, parse_only,
+    AUTO, PlanOptions, auto_bundle, bundling_is_safe, parse_bundle, group_rows, job_id, make_plan, parse_group_by, parse_only,
     single_run_groups,
 )
 
@@ -82,6 +82,31 @@ def test_bundling_refused_when_pipeline_aggregates_across_image_sets():
                "grouping_keys": ["Metadata_Plate", "Metadata_Well"]}
     assert bundling_is_safe(grouped, ("Metadata_Plate", "Metadata_Well"))
     assert len(plan(plate(), grouped, bundle=6)["jobs"]) == 2
+
+
+def test_auto_bundling_makes_about_one_job_per_slot_and_caps_job_size():
+    # the benchmark's shape: 8 wells x 3 sites on 2 slots -> 2 jobs of 4 wells
+    doc = plan(plate(wells=[f"A{i:02d}" for i in range(1, 9)]), bundle=AUTO, slots=2)
+    assert [len(j["image_numbers"]) for j in doc["jobs"]] == [12, 12]
+    assert doc["bundle"] == {"asked": "auto", "slots": 2, "sets_per_job": 12}
+    # more slots than groups: one group per job
+    assert len(plan(plate(), bundle=AUTO, slots=8)["jobs"]) == 3
+    # a 384-well plate of 9-site wells on 96 slots: wells stay apart (16 sets at most per job)
+    assert auto_bundle(384 * 9, 96) == 16 and auto_bundle(24, 2) == 12 and auto_bundle(5, 1) == 5
+    big = plan(plate(wells=[f"W{i:03d}" for i in range(40)], sites=9), bundle=AUTO, slots=4)
+    assert {len(j["groups"]) for j in big["jobs"]} == {1}
+
+
+def test_auto_bundling_steps_aside_for_aggregating_pipelines():
+    pipeline = {"modules": ["LoadData", "CorrectIlluminationCalculate"], "grouping_keys": []}
+    doc = plan(plate(), pipeline, bundle=AUTO, slots=1)
+    assert len(doc["jobs"]) == 3 and "aggregates across image sets" in doc["bundle"]["why_not"]
+
+
+def test_parse_bundle():
+    assert parse_bundle("auto") == AUTO and parse_bundle("0") == 0 and parse_bundle(" 12 ") == 12
+    with pytest.raises(BpcpError, match="give 'auto', a number"):
+        parse_bundle("-3")
 
 
 def test_only_filters_groups_and_an_empty_match_is_an_error():
