@@ -1,6 +1,7 @@
 """Finding a CellProfiler install and asking it questions (via cp_probe.py under its own Python)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -87,7 +88,50 @@ def probe(
     cp: CellProfiler, pipeline: Path, file_list: Path | None = None, batch: bool = False,
     timeout: float = 600,
 ) -> dict:
-    """Run cp_probe.py under CellProfiler's Python; return its JSON (raises on failure)."""
+    """Run cp_probe.py under CellProfiler's Python; return its JSON (raises on failure).
+
+    A pipeline alone (no file list, no batch file) is probed once per pipeline content and
+    CellProfiler install: the answer is kept in the cache folder, saving a CellProfiler start-up
+    (seconds) on every later plan of it, e.g. run.yml's check and then its run.
+    """
+    cached = _cache_file(cp, pipeline) if file_list is None and not batch else None
+    if cached is not None and cached.is_file():
+        try:
+            return json.loads(cached.read_text())
+        except ValueError:
+            pass
+    result = _run_probe(cp, pipeline, file_list, batch, timeout)
+    if cached is not None:
+        from bpcp.runfolder import write_atomic
+
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(cached, json.dumps(result))
+        except OSError:
+            pass              # a read-only home only costs the next plan a start-up
+    return result
+
+
+def cache_dir() -> Path:
+    """$BPCP_CACHE, else $XDG_CACHE_HOME/bpcp, else ~/.cache/bpcp."""
+    if os.environ.get("BPCP_CACHE"):
+        return Path(os.environ["BPCP_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "bpcp"
+
+
+def _cache_file(cp: CellProfiler, pipeline: Path) -> Path | None:
+    try:
+        digest = hashlib.sha256()
+        digest.update(Path(pipeline).read_bytes())
+        digest.update(PROBE.read_bytes())
+        stat = Path(cp.executable).stat()
+        digest.update(f"{cp.executable}:{stat.st_mtime_ns}:{stat.st_size}:{sorted(cp.env.items())}".encode())
+    except OSError:
+        return None
+    return cache_dir() / "probe" / f"{digest.hexdigest()}.json"
+
+
+def _run_probe(cp: CellProfiler, pipeline: Path, file_list: Path | None, batch: bool, timeout: float) -> dict:
     with tempfile.TemporaryDirectory(prefix="bpcp-probe-") as tmp:
         out = Path(tmp) / "probe.json"
         argv = [str(cp.python), str(PROBE), "--pipeline", str(pipeline), "--out", str(out)]
