@@ -19,8 +19,9 @@ DEFAULT_OUTPUT = "bpcp-run"
 
 def _plan_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
     g = parser.add_argument_group("what to run")
-    g.add_argument("--dataset", "-d", type=Path, help="LoadData CSV, file list, image folder or Batch_data.h5")
-    g.add_argument("--pipeline", "-p", type=Path, required=required, help=".cppipe pipeline or Batch_data.h5")
+    g.add_argument("--dataset", "-d", help="LoadData CSV (a path or s3://bucket/key.csv), file list, image folder "
+                                           "or Batch_data.h5")
+    g.add_argument("--pipeline", "-p", required=required, help=".cppipe pipeline (a path or s3:// URL) or Batch_data.h5")
     g.add_argument("--group-by", "-g", default=None,
                    help="comma-separated metadata keys, one job per group (default Metadata_Plate,Metadata_Well; "
                         "'none' = one group)")
@@ -31,6 +32,9 @@ def _plan_arguments(parser: argparse.ArgumentParser, required: bool = True) -> N
     g.add_argument("--cellprofiler", help="CellProfiler venv folder, its executable, or a version installed "
                                           "under /opt/cellprofiler (default: $BPCP_CELLPROFILER or /opt/cellprofiler/current)")
     g.add_argument("--skip-image-check", action="store_true", help="do not check that every image exists")
+    g.add_argument("--path-map", action="append", default=[], metavar="FROM=TO",
+                   help="rewrite the LoadData CSV's image paths that start with FROM (a folder or s3:// prefix) to "
+                        "start with TO, e.g. /home/ubuntu/bucket=s3://bucket (repeat for more)")
 
 
 def _output_argument(parser: argparse.ArgumentParser) -> None:
@@ -43,18 +47,23 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("how to run")
     g.add_argument("--jobs", "-j", default=None,
                    help=f"CellProfiler processes per host (default: sized from profile.json when the run folder has one, "
-                        f"else {d.jobs} of cores)")
+                        f"else {d.jobs.replace('%', '%%')} of cores)")
     g.add_argument("--retries", type=int, default=d.retries, help=f"attempts per job (default {d.retries})")
     g.add_argument("--timeout", default=None,
                    help=f"per-job limit: seconds, 90m, 2h, or N%% of the median job (default: from profile.json, "
                         f"else {d.timeout.replace('%', '%%')})")
     g.add_argument("--memfree", default=None,
                    help=f"start jobs only above this free memory (default: from profile.json, else {d.memfree})")
-    g.add_argument("--halt", default=d.halt, help=f"GNU parallel halt policy (default {d.halt})")
+    g.add_argument("--halt", default=d.halt, help=f"GNU parallel halt policy (default {d.halt.replace('%', '%%')})")
     g.add_argument("--tmp-root", default=d.tmp_root,
                    help="CellProfiler temp folder root: 'auto' = the RAM disk when mounted (default), '' = on disk")
     g.add_argument("--ramdisk", default=d.ramdisk, help=f"RAM disk mount point (default {d.ramdisk})")
     g.add_argument("--no-pin-threads", action="store_true", help="let each process use many threads")
+    g.add_argument("--s3-output", default="", metavar="s3://BUCKET/PREFIX",
+                   help="also keep the results there: published jobs as they finish, merged tables and reports; "
+                        "a rerun resumes from what is there (docs/s3.md)")
+    g.add_argument("--s3-python", default=d.s3_python,
+                   help=f"Python with botocore that jobs download S3 images with, on every host (default {d.s3_python})")
     g.add_argument("--sshloginfile", type=Path, default=None,
                    help="run on these hosts: one GNU parallel sshlogin per line ([slots/]ssh-command, ':' = this host)")
 
@@ -69,7 +78,8 @@ def _settings(args: argparse.Namespace, run: RunFolder | None = None) -> RunSett
     chosen = {k: str(getattr(args, k)) if getattr(args, k) is not None else measured.get(k, getattr(d, k))
               for k in SIZED}
     return RunSettings(retries=args.retries, halt=args.halt, tmp_root=args.tmp_root, ramdisk=args.ramdisk,
-                       pin_threads=not args.no_pin_threads, **chosen).validate()
+                       pin_threads=not args.no_pin_threads, s3_python=args.s3_python, s3_output=args.s3_output,
+                       **chosen).validate()
 
 
 def _profile_settings(run: RunFolder, args: argparse.Namespace) -> dict:
@@ -98,12 +108,15 @@ def _prepare(args: argparse.Namespace):
     from bpcp.prepare import prepare
 
     prepared = prepare(args.dataset, args.pipeline, args.output, _options(args), args.cellprofiler,
-                       check_images=not args.skip_image_check)
+                       check_images=not args.skip_image_check, path_map=args.path_map)
     doc = prepared.plan.doc
     sizes = [len(j["image_numbers"]) for j in doc["jobs"]]
     print(f"bpcp: planned {len(sizes)} jobs over {doc['image_sets']} image sets "
           f"({min(sizes)}-{max(sizes)} per job) with CellProfiler {doc['cellprofiler']['version']}"
           f"{' (same as the plan already there)' if prepared.reused else ''}: {Path(args.output).resolve() / 'plan.json'}")
+    fetching = sum(1 for job in doc["jobs"] if job.get("fetch"))
+    if fetching:
+        print(f"bpcp: {fetching} of {len(doc['jobs'])} jobs download their images from S3 before CellProfiler starts")
     return prepared
 
 
@@ -132,11 +145,15 @@ def cmd_render(args: argparse.Namespace) -> int:
     return 0
 
 
-def _finish(run: RunFolder, status: int) -> int:
+def _finish(run: RunFolder, status: int, s3_output: str = "") -> int:
     """Merge what is published and report completeness; non-zero unless every job is done."""
     from bpcp.merge import run_merge
 
     merged = run_merge(run.root)
+    if s3_output:
+        from bpcp.mirror import finish
+
+        finish(run, s3_output)
     return merged if status == 0 else max(merged, 1)
 
 
@@ -149,15 +166,24 @@ def cmd_run(args: argparse.Namespace) -> int:
         _prepare(args)
     elif not run.plan.exists():
         raise BpcpError("no --pipeline given and no plan in the run folder; pass --dataset and --pipeline")
-    render(run, _settings(args, run), args.cellprofiler, args.sshloginfile)
+    settings = _settings(args, run)
+    if settings.s3_output:
+        from bpcp.mirror import start
+
+        start(run, settings.s3_output)   # jobs already published there are brought down, not rerun
+    render(run, settings, args.cellprofiler, args.sshloginfile)
     status = execute(run)
     if args.no_merge:
         return 0 if status == 0 else 1
-    return _finish(run, status)
+    return _finish(run, status, settings.s3_output)
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    return _finish(RunFolder(args.output.resolve()), 0)
+    if args.s3_output:
+        from bpcp.s3 import parse_url
+
+        parse_url(args.s3_output, "--s3-output", need_key=False)
+    return _finish(RunFolder(args.output.resolve()), 0, args.s3_output)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -222,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("merge", help="merge published tables and write the completeness report")
     _output_argument(p)
+    p.add_argument("--s3-output", default="", metavar="s3://BUCKET/PREFIX",
+                   help="then copy the merged tables, the report and any job not yet there to this prefix")
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("status", help="print which groups are done, failed or missing")

@@ -144,7 +144,7 @@ def loaddata_channels(path: Path, table: pa.Table) -> dict[str, pa.Array]:
                 f"add Image_PathName_{channel} with the folder of each file"
             )
         folder = table[paths[channel]].combine_chunks()
-        is_relative = pc.invert(pc.starts_with(folder, "/"))
+        is_relative = pc.invert(pc.or_(pc.starts_with(folder, "/"), pc.match_substring(folder, "://")))
         if pc.any(is_relative).as_py():
             base = str(path.parent)
             folder = pc.if_else(

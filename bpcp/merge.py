@@ -12,7 +12,8 @@ memory_limit (default 2GB, env BPCP_MERGE_MEMORY). Per table:
 3. With local numbering, (job, local ImageNumber) maps to the plan's global ImageNumber,
    Group_Number, Group_Index and Group_Length, so the result equals one CellProfiler process.
 4. Paths and URLs CellProfiler recorded for files it saved into its -o folder (work/<job>/out,
-   on this host or a worker) are rewritten to published/<job>/, where those files now are.
+   on this host or a worker) are rewritten to published/<job>/, where those files now are; those
+   of images a job downloaded from S3 (bpcp-s3/<bucket>/<key> in its temp folder) to s3:// URLs.
 5. Rows are sorted by (ImageNumber, ObjectNumber), written to parquet and csv, and the keys are
    checked unique and non-null before the files get their final names.
 
@@ -46,6 +47,8 @@ STRING_PREFIXES = ("Metadata_", "FileName_", "PathName_", "URL_", "MD5Digest_",
                    "ObjectsFileName_", "ObjectsPathName_", "ObjectsURL_")
 # where CellProfiler recorded files it saved into -o (work/<job>/out): rewritten to published/<job>
 OUTPUT_PATH_PREFIXES = ("PathName_", "URL_", "ObjectsPathName_", "ObjectsURL_")
+# Images a job downloaded from S3 sit in <its temp folder>/bpcp-s3/<bucket>/<key>: name the object.
+FETCHED_PATTERN = "^(file://)?/.*/bpcp-s3/"
 DEFAULT_COMPARTMENTS = {"cells": "Cells", "cytoplasm": "Cytoplasm", "nuclei": "Nuclei"}
 # CytoTable's cellprofiler_csv preset: these keep their name (or get a Metadata_ prefix)
 IDENTIFYING = ("ImageNumber", "ObjectNumber", "Metadata_Well", "Metadata_Plate",
@@ -278,8 +281,8 @@ class _TableMerger:
             if local and c in rewrite and (c == "ImageNumber" or self._has_groups()):
                 exprs.append(f"{rewrite[c]} AS {q(c)}")
             elif types[c] == "VARCHAR" and c.startswith(OUTPUT_PATH_PREFIXES):
-                exprs.append(f"regexp_replace(regexp_replace(s.{q(c)}, f.work_pattern, f.published), "
-                             f"f.stage_pattern, '\\1/') AS {q(c)}")
+                exprs.append(f"regexp_replace(regexp_replace(regexp_replace(s.{q(c)}, f.work_pattern, f.published), "
+                             f"f.stage_pattern, '\\1/'), {lit(FETCHED_PATTERN)}, 's3://') AS {q(c)}")
             else:
                 exprs.append(f"{cast(c, types[c])} AS {q(c)}")
         source = f"{q(self.view)} s JOIN jobfiles f ON f.file = s.{FILE_COLUMN}"

@@ -144,12 +144,15 @@ def check_batch_grouping(image_sets: ImageSets, group_by: tuple[str, ...], info:
 
 
 def check_images_exist(image_sets: ImageSets) -> list[str]:
-    """Every referenced local image exists. Lists each folder once instead of a stat per file."""
+    """Every referenced local image exists. Lists each folder once instead of a stat per file.
+    s3:// images are bpcp.s3.check_images' business."""
     listings: dict[str, set[str] | None] = {}
     missing: list[tuple[int, str]] = []
     remote = []
     for channel, paths in image_sets.channels.items():
         for row, path in enumerate(paths.to_pylist()):
+            if path.startswith("s3://"):
+                continue
             if "://" in path:
                 remote.append(path)
                 continue
@@ -172,6 +175,6 @@ def check_images_exist(image_sets: ImageSets) -> list[str]:
     if remote:
         problems.append(
             f"{image_sets.path}: {remote[0]} is a remote URL{_more(remote, 1)}; this version of bpcp "
-            "reads local images only: copy them to local disk and point the paths there"
+            "reads local and s3:// images only: copy them there and point the paths at them"
         )
     return problems

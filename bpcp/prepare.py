@@ -5,12 +5,14 @@ a job. Every problem found is reported at once, and nothing is written until all
 """
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from bpcp import cellprofiler as cpmod
 from bpcp import dataset as dsmod
 from bpcp import preflight
+from bpcp import s3
 from bpcp.dataset import ImageSets, sha256_file
 from bpcp.errors import BpcpError
 from bpcp.plan import Plan, PlanOptions, make_plan
@@ -39,8 +41,25 @@ def table_files(info: dict) -> tuple[dict[str, str], str]:
     return files, delimiter
 
 
-def prepare(dataset: Path | None, pipeline: Path, run_dir: Path, options: PlanOptions,
-            cellprofiler: str | None = None, check_images: bool = True) -> Prepared:
+def prepare(dataset, pipeline, run_dir: Path, options: PlanOptions, cellprofiler: str | None = None,
+            check_images: bool = True, path_map: tuple[str, ...] = (), **kwargs) -> Prepared:
+    """Local paths or s3:// URLs: a dataset or pipeline on S3 is downloaded to a temporary folder
+    first (the CSV is kept in the run folder); --path-map rewrites the CSV's image paths."""
+    maps = s3.parse_path_maps(path_map)
+    if not (s3.is_s3(dataset) or s3.is_s3(pipeline)):
+        return _prepare(dataset, pipeline, run_dir, options, cellprofiler, check_images, maps, None, **kwargs)
+    with tempfile.TemporaryDirectory(prefix="bpcp-s3-") as tmp:
+        remote = s3.fetch_inputs(dataset, pipeline, Path(tmp))
+        try:
+            return _prepare(remote.dataset, remote.pipeline, run_dir, options, cellprofiler, check_images,
+                            maps, remote, **kwargs)
+        except BpcpError as exc:
+            raise remote.rename(exc) from None
+
+
+def _prepare(dataset: Path | None, pipeline: Path, run_dir: Path, options: PlanOptions,
+             cellprofiler: str | None, check_images: bool, maps: tuple,
+             remote: s3.RemoteInputs | None) -> Prepared:
     pipeline = Path(pipeline).expanduser().resolve()
     run = RunFolder(Path(run_dir).expanduser().resolve())
     problems = preflight.check_pipeline_file(pipeline) + preflight.check_output(run.root)
@@ -59,6 +78,8 @@ def prepare(dataset: Path | None, pipeline: Path, run_dir: Path, options: PlanOp
     else:
         image_sets = dsmod.load(dataset, pipeline, cp)
         probe = image_sets.pipeline_info or {}
+    if maps or remote is not None:
+        image_sets = s3.remap(image_sets, maps, remote.dataset_base if remote else None)
     cp = cp.with_version(probe.get("cellprofiler_version", "unknown"))
     info = probe["pipeline"]
     group_by = tuple(options.group_by)
@@ -70,6 +91,7 @@ def prepare(dataset: Path | None, pipeline: Path, run_dir: Path, options: PlanOp
         problems += preflight.check_group_values(image_sets, group_by)
     if check_images:
         problems += preflight.check_images_exist(image_sets)
+        problems += s3.check_images(str(image_sets.path), image_sets.channels)
     if problems:
         raise BpcpError(problems)
     files, delimiter = table_files(info)
@@ -81,6 +103,7 @@ def prepare(dataset: Path | None, pipeline: Path, run_dir: Path, options: PlanOp
         delimiter=delimiter,
     )
     plan.doc["cellprofiler"]["executable"] = str(cp.executable)
+    s3.annotate(plan, image_sets, remote, maps)
     reused = False
     if run.plan.exists():
         old = read_plan(run)

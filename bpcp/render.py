@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -41,6 +42,8 @@ class RunSettings:
     tmp_root: str = "auto"      # "auto" = the RAM disk when mounted, else on disk; "" = on disk
     ramdisk: str = "/mnt/bpcp-ramdisk"
     pin_threads: bool = True
+    s3_python: str = "/opt/awscli/bin/python3"   # Python with botocore on every worker (the awscli role's)
+    s3_output: str = ""         # s3://bucket/prefix: published jobs, merged tables and reports go there too
 
     def validate(self) -> "RunSettings":
         problems = []
@@ -56,6 +59,15 @@ class RunSettings:
             problems.append(f"--halt {self.halt!r}: give never, or now|soon,fail|success|done=N[%] (e.g. soon,fail=25%)")
         if self.tmp_root not in ("auto", "") and not os.path.isabs(self.tmp_root):
             problems.append(f"--tmp-root {self.tmp_root!r}: give an absolute folder, 'auto' or ''")
+        if not os.path.isabs(self.s3_python):
+            problems.append(f"--s3-python {self.s3_python!r}: give the absolute path of a Python with botocore")
+        if self.s3_output:
+            from bpcp.s3 import parse_url
+
+            try:
+                parse_url(self.s3_output, "--s3-output", need_key=False)
+            except BpcpError as exc:
+                problems += exc.lines
         if problems:
             raise BpcpError(problems)
         return self
@@ -93,6 +105,9 @@ def render_script(plan: dict, run_dir: Path, settings: RunSettings, cp_argv: lis
         "cp_argv": cp_argv,
         "cp_env": sorted((cp_env or {}).items()),
         "thread_env": thread_env,
+        "fetch": any(job.get("fetch") for job in plan["jobs"]),
+        "s3_output": settings.s3_output.rstrip("/"),
+        "controller_python": sys.executable,
     }
     return _environment().get_template("jobs.sh.j2").render(**context)
 

@@ -27,6 +27,11 @@ def render(run: RunFolder, settings: RunSettings, cellprofiler: str | None = Non
         if not Path(sshloginfile).is_file():
             raise BpcpError(f"{sshloginfile}: sshlogin file not found; list one host per line (':' is this host)")
         sshlogins = parse_sshlogins(Path(sshloginfile).read_text(), str(sshloginfile))
+    if any(job.get("fetch") for job in plan["jobs"]) and (not sshlogins or ":" in
+                                                          [s.partition("/")[2] or s for s in sshlogins]):
+        from bpcp.s3 import check_fetcher
+
+        check_fetcher(settings.s3_python)     # workers: run.yml checks each before any job starts
     return write_script(run, plan, settings, cp.argv(), cp.env, sshlogins)
 
 

@@ -82,7 +82,7 @@ def _absolute_paths(table: pa.Table, base: Path) -> pa.Table:
     for i, name in enumerate(table.column_names):
         if name.startswith(PATH_PREFIXES):
             col = table[name].combine_chunks()
-            rel = pc.invert(pc.starts_with(col, "/"))
+            rel = pc.invert(pc.or_(pc.starts_with(col, "/"), pc.match_substring(col, "://")))
             if pc.any(rel).as_py():
                 fixed = pc.if_else(rel, pc.binary_join_element_wise(str(base), col, "/"), col)
                 table = table.set_column(i, name, fixed)
@@ -139,6 +139,18 @@ def write_inputs(run: RunFolder, plan: Plan, image_sets: ImageSets) -> None:
         write_atomic(run.root / job["input"], "\n".join(files) + "\n")
 
 
+def write_fetch_lists(run: RunFolder, plan: Plan, image_sets: ImageSets) -> None:
+    """inputs/<job>.fetch: the s3:// objects a job downloads before CellProfiler starts (one URL a
+    line); and dataset.csv, the copy of a LoadData CSV that came from S3."""
+    from bpcp.s3 import fetch_list, fetch_lists
+
+    for job, urls in zip(plan.doc["jobs"], fetch_lists(image_sets.channels, plan.rows)):
+        if job.get("fetch"):
+            write_atomic(run.root / job["fetch"], fetch_list(urls))
+    if plan.doc["dataset"].get("copy"):
+        shutil.copyfile(image_sets.path, run.root / plan.doc["dataset"]["copy"])
+
+
 def write_plan(run: RunFolder, plan: Plan, image_sets: ImageSets, pipeline: Path) -> None:
     """Write plan.json, the per-job inputs and a copy of the pipeline (atomically where it matters)."""
     run.root.mkdir(parents=True, exist_ok=True)
@@ -148,4 +160,5 @@ def write_plan(run: RunFolder, plan: Plan, image_sets: ImageSets, pipeline: Path
     if not copy.exists():
         shutil.copyfile(pipeline, copy)
     write_inputs(run, plan, image_sets)
+    write_fetch_lists(run, plan, image_sets)
     write_atomic(run.plan, json.dumps(plan.doc, indent=1))

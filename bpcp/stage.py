@@ -1,7 +1,8 @@
 """Per-job input folders for remote workers: stage/<job>/ holds symlinks to exactly the job's
 images (under root/, mirroring their absolute paths so folder-name metadata still matches), the
 pipeline, and the job's LoadData CSV or file list rewritten to paths relative to the job's folder.
-GNU parallel copies stage/<job>/ to the worker with symlinks followed (--transferfile)."""
+GNU parallel copies stage/<job>/ to the worker with symlinks followed (--transferfile). Images on
+S3 are not staged: fetch.txt (the job's fetch list) travels instead, and the worker downloads them."""
 from __future__ import annotations
 
 import os
@@ -38,8 +39,10 @@ def _stage_loaddata(run: RunFolder, job: dict, folder: Path) -> None:
         if file_col is None:
             continue
         for path, fname in zip(table[name].to_pylist(), table[file_col].to_pylist()):
-            _link(f"{path}/{fname}", folder / "root" / path.lstrip("/") / fname)
-        table = table.set_column(i, name, pc.binary_join_element_wise(rel_root, pc.utf8_ltrim(table[name], "/"), "/"))
+            if not path.startswith("s3://"):      # S3 objects: the worker downloads them (fetch.txt)
+                _link(f"{path}/{fname}", folder / "root" / path.lstrip("/") / fname)
+        staged = pc.binary_join_element_wise(rel_root, pc.utf8_ltrim(table[name], "/"), "/")
+        table = table.set_column(i, name, pc.if_else(pc.starts_with(table[name], "s3://"), table[name], staged))
     tmp = folder / "input.csv.tmp"
     pacsv.write_csv(table, tmp, pacsv.WriteOptions(quoting_style="needed"))
     os.replace(tmp, folder / "input.csv")
@@ -75,6 +78,8 @@ def write_stage(run: RunFolder, plan: dict) -> None:
         folder = run.root / "stage" / job["id"]
         folder.mkdir(parents=True, exist_ok=True)
         _link(str(pipeline), folder / plan["pipeline"]["file"])
+        if job.get("fetch"):
+            _link(str(run.root / job["fetch"]), folder / "fetch.txt")
         if kind == "loaddata":
             _stage_loaddata(run, job, folder)
         else:
