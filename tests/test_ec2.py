@@ -262,3 +262,32 @@ def test_no_credential_reaches_the_template_user_data_or_output(aws, tmp_path, c
     for planted in (secret, token, "AKIAIOSFODNN7EXAMPLE"):
         assert planted not in joined
     yaml.safe_load(user_data(config))   # and the user data is valid cloud-config YAML
+
+
+def test_network_profile_and_spot_price_rendering(tmp_path):
+    from bpcp.launch_template import market_options
+
+    arn = "arn:aws:iam::123456789012:instance-profile/bpcp-worker"
+    config = load_config(write_config(tmp_path / "ec2.yml", subnet_id="subnet-0123456789abcdef0",
+                                      security_group_ids=["sg-0123456789abcdef0"], iam_instance_profile=arn,
+                                      spot_max_price=0.05, root_device_name="/dev/sda1", user_data="none"))
+    data = template_data(config)
+    assert data["NetworkInterfaces"] == [{"DeviceIndex": 0, "SubnetId": "subnet-0123456789abcdef0",
+                                          "AssociatePublicIpAddress": True, "DeleteOnTermination": True,
+                                          "Groups": ["sg-0123456789abcdef0"]}]
+    assert "SecurityGroupIds" not in data and "UserData" not in data
+    assert data["IamInstanceProfile"] == {"Arn": arn}
+    assert data["BlockDeviceMappings"][0]["DeviceName"] == "/dev/sda1"
+    assert data["MetadataOptions"]["HttpTokens"] == "required"
+    assert market_options(config)["SpotOptions"]["MaxPrice"] == "0.05"
+    plain = template_data(load_config(write_config(tmp_path / "b.yml", security_group_ids=["sg-0123456789abcdef0"])))
+    assert plain["SecurityGroupIds"] == ["sg-0123456789abcdef0"] and "NetworkInterfaces" not in plain
+
+
+def test_user_data_modes(tmp_path):
+    prepare = yaml.safe_load(user_data(load_config(write_config(tmp_path / "p.yml", max_hours=2))))
+    assert {"python3", "python3-apt"} <= set(prepare["packages"])
+    assert ["shutdown", "-h", "+120", "bpcp: max_hours reached for run test-run"] in prepare["runcmd"]
+    site = yaml.safe_load(user_data(load_config(write_config(tmp_path / "s.yml", user_data="site", max_hours=0))))
+    assert "packages" not in site and "site.yml" in json.dumps(site)
+    assert not any(isinstance(c, list) and c[0] == "shutdown" for c in site["runcmd"])
