@@ -64,7 +64,8 @@ def test_launch_yml_then_inventory_then_terminate_yml(aws, tmp_path):
     assert sorted(groups["workers"]["hosts"]) == ips
     hostvars = groups["_meta"]["hostvars"]
     assert {hostvars[ip]["bpcp_instance_id"] for ip in ips} == {i["InstanceId"] for i in live(aws, "pb-run")}
-    assert all(hostvars[ip]["ansible_user"] == "admin" for ip in ips)
+    assert all(hostvars[ip]["ansible_user"] == "admin" and hostvars[ip]["ramdisk_owner"] == "admin" for ip in ips)
+    assert hostvars[ips[0]]["parallel_citation_users"] == ["root", "admin"]
     other = ansible(aws, "ansible-inventory", "-i", "inventory/aws_ec2.yml", "--list", env={"BPCP_RUN": "no-such-run"})
     assert "workers" not in json.loads(other.stdout) or not json.loads(other.stdout)["workers"].get("hosts")
 
