@@ -31,7 +31,8 @@ def client(region: str):
     """boto3 EC2 client; AWS_ENDPOINT_URL (botocore >= 1.31) points it at another endpoint."""
     import boto3
 
-    return boto3.client("ec2", region_name=region)
+    # a session of its own: credentials and endpoint as the environment says now, not as cached
+    return boto3.session.Session(region_name=region).client("ec2")
 
 
 def _aws_error(action: str, exc: Exception) -> BpcpError:
@@ -61,13 +62,15 @@ def _call(action: str, fn, **kwargs):
 
 
 def _latest_version(ec2, name: str) -> dict | None:
-    from botocore.exceptions import ClientError
+    from botocore.exceptions import BotoCoreError, ClientError
 
     try:
         out = ec2.describe_launch_template_versions(LaunchTemplateName=name, Versions=["$Latest"])
     except ClientError as exc:
         if "NotFound" in exc.response.get("Error", {}).get("Code", ""):
             return None
+        raise _aws_error(f"launch template {name}", exc) from None
+    except BotoCoreError as exc:
         raise _aws_error(f"launch template {name}", exc) from None
     versions = out.get("LaunchTemplateVersions", [])
     return versions[0] if versions else None

@@ -291,3 +291,12 @@ def test_user_data_modes(tmp_path):
     site = yaml.safe_load(user_data(load_config(write_config(tmp_path / "s.yml", user_data="site", max_hours=0))))
     assert "packages" not in site and "site.yml" in json.dumps(site)
     assert not any(isinstance(c, list) and c[0] == "shutdown" for c in site["runcmd"])
+
+
+def test_no_credentials_is_one_line(aws, tmp_path, capsys, monkeypatch):
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(key, raising=False)
+    cfg = write_config(tmp_path / "ec2.yml")
+    rc, _, err = bpcp(capsys, "ec2", "template", "-c", str(cfg))
+    assert rc == 2 and err.count("\n") == 1
+    assert "no AWS credentials found; set AWS_PROFILE" in err
