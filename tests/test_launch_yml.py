@@ -162,15 +162,17 @@ def test_run_yml_keep_true_leaves_the_workers_running(aws, broken_plate, tmp_pat
 @pytest.mark.cellprofiler
 def test_run_yml_terminates_when_no_launched_worker_answers(aws, broken_plate, tmp_path, cp_venv):
     """The launched hosts join bpcp_launched and are the only workers; moto's addresses answer no
-    SSH, so the worker check leaves them all out and the last play stops - after terminating them."""
+    SSH, so configuring them and the worker check leave them all out, and the last play stops -
+    after terminating them."""
     cfg = write_config(tmp_path / "ec2.yml", run="run-unreachable")
     proc = ansible(aws, "ansible-playbook", "run.yml", "-e", f"dataset={broken_plate / 'load_data.csv'}",
                    "-e", f"pipeline={broken_plate / 'example_loaddata.cppipe'}", "-e", f"output={tmp_path / 'run'}",
                    "-e", f"cellprofiler_version={Path(cp_venv).name}", "-e", "launch=2", "-e", f"ec2_config={cfg}",
-                   "-e", "launch_wait_ssh=false", "-e", "bpcp_workers=bpcp_launched",
+                   "-e", "launch_wait_ssh=false", "-e", "bpcp_workers=bpcp_launched", "-e", "launch_configure=true",
                    env={"ANSIBLE_TIMEOUT": "5"}, timeout=600)
     assert proc.returncode != 0
     assert "none of the hosts in bpcp_launched" in proc.stdout, proc.stdout[-4000:]
+    assert "Wait until cloud-init is done" in proc.stdout
     assert "terminated 2 instance(s)" in proc.stdout
     assert live(aws, "run-unreachable") == []
     assert not (tmp_path / "run" / "joblog.tsv").exists()
