@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from bpcp.errors import BpcpError
+from bpcp.runfolder import write_atomic
 
 STATUSES = ("done", "incomplete", "failed", "running", "missing")
 EXPERIMENT = "Experiment"
@@ -116,14 +116,8 @@ def completeness(run_dir: Path, write: bool = True) -> dict[str, Any]:
     if (run_dir / "report.html").exists():      # `bpcp report` output, kept linked across merges
         report["report_html"] = "report.html"
     if write:
-        _write_json(run_dir / "report.json", report)
+        write_atomic(run_dir / "report.json", json.dumps(report, indent=2) + "\n")
     return report
-
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def summary(report: dict[str, Any], max_listed: int = 10) -> str:

@@ -31,7 +31,7 @@ from bpcp import __version__
 from bpcp import cellprofiler as cpmod
 from bpcp.errors import BpcpError
 from bpcp.render import JAVA_THREAD_ENV, THREAD_ENV
-from bpcp.runfolder import RunFolder, read_plan
+from bpcp.runfolder import RunFolder, read_plan, write_atomic
 from bpcp.sizing import background_load
 
 FORMAT = 1
@@ -488,9 +488,7 @@ def profile_run(run_dir: Path, job_ids: list[str] | None = None, sizes: list[int
 
 
 def write_profile(path: Path, doc: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(doc, indent=1) + "\n")
 
 
 def import_raw(run_dir: Path, folders: list[Path], host: str = "remote") -> dict:

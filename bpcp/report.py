@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from bpcp.errors import BpcpError
+from bpcp.runfolder import write_atomic
 
 REPORT_FILE = "report.html"
 LOCAL_HOST = ":"           # GNU parallel's name for the controller itself
@@ -406,16 +407,12 @@ def write_report(run_dir: Path, work_seconds: float | None = None, cores: int | 
     rep = load(run_dir, work_seconds, cores)
     text = render_html(rep, charts_png(rep))
     path = run_dir / REPORT_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_atomic(path, text)
     completeness = run_dir / "report.json"
     doc = _read_json(completeness) if link and completeness.exists() else None
     if isinstance(doc, dict):
         doc["report_html"] = REPORT_FILE
-        tmp = completeness.with_name(completeness.name + ".tmp")
-        tmp.write_text(json.dumps(doc, indent=2) + "\n")
-        os.replace(tmp, completeness)
+        write_atomic(completeness, json.dumps(doc, indent=2) + "\n")
     return path, rep.summary()
 
 
