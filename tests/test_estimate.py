@@ -208,7 +208,8 @@ def test_forecast_matches_real_runs(example_plate, cp_venv, tmp_path):
     sampled just before the run is printed too."""
     data, pipe = str(example_plate / "load_data.csv"), str(example_plate / "example_loaddata.cppipe")
     small, big = tmp_path / "small", tmp_path / "big"
-    _bpcp("plan", "--cellprofiler", cp_venv, "-d", data, "-p", pipe, "-o", str(small), "--group-by", "Plate,Well,Site")
+    _bpcp("plan", "--cellprofiler", cp_venv, "-d", data, "-p", pipe, "-o", str(small), "--group-by", "Plate,Well,Site",
+          "--bundle", "0")
     _bpcp("plan", "--cellprofiler", cp_venv, "-d", data, "-p", pipe, "-o", str(big), "--bundle", "8")
     print(f"\nload average before profiling: {_loadavg()}")
     print(_bpcp("profile", "-o", str(small)).stdout)

@@ -60,7 +60,7 @@ def test_choose_and_derive():
 def planned(example_plate, cp_venv, tmp_path) -> Path:
     run = tmp_path / "run"
     _bpcp("plan", "--cellprofiler", cp_venv, "-d", str(example_plate / "load_data.csv"),
-          "-p", str(example_plate / "example_loaddata.cppipe"), "-o", str(run))
+          "-p", str(example_plate / "example_loaddata.cppipe"), "-o", str(run), "--bundle", "0")
     return run
 
 

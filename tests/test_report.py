@@ -40,7 +40,7 @@ def runs(cellprofiler_cmd, tmp_path_factory):
     plate = generate_plate(root / "plate", PlateSpec(rows="A", columns=3, sites=1))
     run = root / "run"
     common = ["--dataset", str(plate / "load_data.csv"), "--pipeline", str(plate / "example_loaddata.cppipe"),
-              "--output", str(run), "--cellprofiler", str(Path(cellprofiler_cmd[0]).parents[1])]
+              "--output", str(run), "--cellprofiler", str(Path(cellprofiler_cmd[0]).parents[1]), "--bundle", "0"]
     lost = plate / "images" / "Plate1_A02_s1_w1.png"
     saved = root / "saved.png"
     plan = bpcp("plan", *common)
