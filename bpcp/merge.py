@@ -29,6 +29,7 @@ import os
 import re
 import shutil
 import time
+import urllib.parse
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -146,14 +147,20 @@ def group_by_header(files: list[Path], delim: str) -> dict[tuple[str, ...], list
 
 # ---------------------------------------------------------------- numbering map
 
+def _id_pattern(job: str) -> str:
+    """A job id as a path holds it, or as a file:// URL does (bundled ids hold '+', written %2B)."""
+    quoted = urllib.parse.quote(job)
+    return re.escape(job) if quoted == job else f"(?:{re.escape(job)}|{re.escape(quoted)})"
+
+
 def jobfiles_table(plan: dict[str, Any], jobs: list[dict[str, Any]], table: str,
                    run_dir: Path) -> pa.Table:
     """Source file -> job, and how to turn the job's CellProfiler -o folder (work/<job>/out, on
     this host or a worker) into published/<job> in recorded paths and URLs."""
     rows = [(str(run_dir / "published" / j["id"] / table_file(plan, table)), j["id"],
-             "^(file://)?.*/work/" + re.escape(j["id"]) + "/out",
+             "^(file://)?.*/work/" + _id_pattern(j["id"]) + "/out",
              "\\1" + str(run_dir / "published" / j["id"]).replace("\\", "\\\\"),
-             "^(file://)?.*/stage/" + re.escape(j["id"]) + "/root/")
+             "^(file://)?.*/stage/" + _id_pattern(j["id"]) + "/root/")
             for j in jobs]
     # stage_pattern: inputs a worker read from its staged copy (bpcp.stage) name the original path
     names = ["file", "job", "work_pattern", "published", "stage_pattern"]
