@@ -161,6 +161,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from bpcp.run import execute, render
 
     _settings(args)          # bad settings fail before anything is planned or run
+    if args.s3_output:
+        from bpcp.mirror import check_prefix
+
+        check_prefix(args.s3_output)     # no such bucket, no access: said before anything is planned
     run = RunFolder(args.output.resolve())
     if args.pipeline is not None:
         _prepare(args)

@@ -36,6 +36,13 @@ def _url(text: str) -> s3.S3Url:
     return s3.parse_url(text.rstrip("/"), "--s3-output", need_key=False)
 
 
+def check_prefix(url_text: str, client=None) -> None:
+    """The bucket exists and these credentials may list it (one request)."""
+    url = _url(url_text)
+    client = client or s3.client()
+    s3._call(lambda: client.list_objects_v2(Bucket=url.bucket, Prefix=url.prefix, MaxKeys=1), str(url))
+
+
 def remote_plan(url: s3.S3Url, client=None) -> dict | None:
     """plan.json under the prefix, or None when there is none yet."""
     from botocore.exceptions import ClientError

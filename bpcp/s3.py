@@ -30,7 +30,6 @@ PATH_PREFIXES = ("Image_PathName_", "PathName_")
 URL_PREFIXES = ("Image_URL_", "URL_")
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-MAX_SHOWN = 1
 
 
 def is_s3(value) -> bool:
@@ -155,11 +154,6 @@ def fetch_lists(channels: dict[str, pa.Array], jobs_rows: list[list[int]]) -> li
 
 def fetch_list(urls: list[str]) -> str:
     return "".join(u + "\n" for u in urls)
-
-
-def local_relpath(url: str) -> str:
-    """Where a fetched object lands under the job's download folder: <bucket>/<key>."""
-    return url[len(SCHEME):]
 
 
 def fetch_problems(source: str, urls: Iterable[tuple[int, str]]) -> list[str]:
@@ -432,5 +426,8 @@ def annotate(plan, image_sets, remote: RemoteInputs | None, maps: tuple[PathMap,
     if maps:
         doc["dataset"]["path_map"] = [f"{m.source}={m.target}" for m in maps]
     for job, urls in zip(doc["jobs"], fetch_lists(image_sets.channels, plan.rows)):
+        if urls and image_sets.kind != "loaddata":
+            raise BpcpError(f"{image_sets.path}: names {urls[0]}; s3:// images work in LoadData CSVs only: "
+                            "list the images in one (Image_FileName_*/Image_PathName_* columns)")
         if urls:
             job["fetch"] = f"inputs/{job['id']}.fetch"

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -90,6 +89,29 @@ def test_fetch_lists_hold_exactly_each_jobs_s3_objects_once():
     assert s3.fetch_problems("d.csv", [(0, "s3://b1/i/a.png")]) == []
     for bad in ["s3://b1/../etc/passwd", "s3://b1/a//b.png", "s3://b1/./a.png"]:
         assert "cannot be copied to a local folder" in s3.fetch_problems("d.csv", [(4, bad)])[0]
+
+
+def test_annotate_records_sources_and_fetch_lists_and_refuses_s3_outside_loaddata():
+    from bpcp.dataset import ImageSets
+    from bpcp.plan import Plan
+
+    channels = {"DNA": pa.array(["s3://bk1/i/a.png", "/local/b.png"])}
+    table = pa.table({"Metadata_Well": ["A01", "A02"]})
+    plan = Plan({"dataset": {"path": "/tmp/x/dataset.csv"}, "pipeline": {"path": "/tmp/x/p.cppipe"},
+                 "jobs": [{"id": "j1"}, {"id": "j2"}]}, [[0], [1]])
+    remote = s3.RemoteInputs(Path("/tmp/x/dataset.csv"), Path("/tmp/x/p.cppipe"), "s3://bk1/d/load_data.csv",
+                             "s3://bk1/p.cppipe")
+    s3.annotate(plan, ImageSets("loaddata", Path("/tmp/x/dataset.csv"), table, channels, "c"), remote,
+                s3.parse_path_maps(["/mnt/bk1=s3://bk1"]))
+    assert plan.doc["dataset"] == {"path": "s3://bk1/d/load_data.csv", "copy": "dataset.csv",
+                                   "path_map": ["/mnt/bk1=s3://bk1"]}
+    assert plan.doc["pipeline"]["path"] == "s3://bk1/p.cppipe"
+    assert plan.doc["jobs"] == [{"id": "j1", "fetch": "inputs/j1.fetch"}, {"id": "j2"}]
+    assert remote.dataset_base == "s3://bk1/d"
+    renamed = remote.rename(BpcpError("/tmp/x/dataset.csv: group key Metadata_Row not found"))
+    assert renamed.lines == ["s3://bk1/d/load_data.csv: group key Metadata_Row not found"]
+    with pytest.raises(BpcpError, match="s3:// images work in LoadData CSVs only"):
+        s3.annotate(plan, ImageSets("filelist", Path("/x/files.txt"), table, channels, "c"), None, ())
 
 
 def _plan(fetch: bool = True) -> dict:
@@ -193,6 +215,18 @@ def test_s3_errors_are_one_line_saying_what_to_do(aws, tmp_path, monkeypatch):
         s3.fetch_inputs(f"s3://{DATA}/a/x.csv", "p.cppipe", tmp_path)
     assert "no AWS credentials found" in err.value.lines[0] and "instance profile" in err.value.lines[0]
     assert not any(tmp_path.rglob("*.csv"))
+
+
+def test_missing_output_bucket_stops_bpcp_run_before_planning(aws, example_plate, tmp_path, capsys):
+    from bpcp.cli import main
+
+    out = tmp_path / "run"
+    code = main(["run", "-d", str(example_plate / "load_data.csv"), "-p", str(example_plate / "example_loaddata.cppipe"),
+                 "-o", str(out), "--s3-output", "s3://no-such-results-bucket/batch1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == ["bpcp: error: s3://no-such-results-bucket/batch1: bucket no-such-results-bucket "
+                                 "does not exist; check the bucket name"]
+    assert not out.exists()
 
 
 def test_access_denied_says_which_permission(aws):
@@ -340,6 +374,7 @@ def s3_reference(example_plate, cp_venv, tmp_path_factory) -> Path:
         text = (local / f"{table}.csv").read_text()
         text = text.replace("file://" + images, f"s3://{DATA}/plate/images").replace(images, f"s3://{DATA}/plate/images")
         (ref / f"{table}.csv").write_text(text)
+    (ref / "output-folder.txt").write_text(str(local))    # saved overlays name it: published/<job> here
     return ref
 
 
@@ -348,8 +383,9 @@ def assert_merged_equals(reference: Path, run: Path) -> None:
 
     report = json.loads((run / "report.json").read_text())
     assert report["complete"], report["counts"]
+    ref_out = Path((reference / "output-folder.txt").read_text())
     for table in TABLES:
-        rows = assert_table_equal(reference / f"{table}.csv", run / "merged" / f"{table}.parquet")
+        rows = assert_table_equal(reference / f"{table}.csv", run / "merged" / f"{table}.parquet", ref_out=ref_out)
         assert rows > 0 or table == "PH3"
 
 
@@ -386,7 +422,6 @@ def test_run_from_s3_to_s3_equals_local_and_resumes_from_s3(aws, example_plate, 
     assert_merged_equals(s3_reference, run)
     plan = json.loads((run / "plan.json").read_text())
     assert plan["dataset"]["path"] == dataset and plan["dataset"]["copy"] == "dataset.csv"
-    assert (run / "dataset.csv").read_bytes() == client.get_object(Bucket=DATA, Key="plate/load_data.csv")["Body"].read()
 
     # each job downloaded exactly its own images, each image once; nobody listed per job
     wanted = []
@@ -399,7 +434,8 @@ def test_run_from_s3_to_s3_equals_local_and_resumes_from_s3(aws, example_plate, 
     gets = seen.gets(DATA)
     assert sorted(gets) == sorted(images + ["plate/load_data.csv"]), "downloads other than the planned objects"
     assert len(seen.listings(DATA)) == 1                      # the image folder, once, at plan time
-    assert len(seen.listings(RESULTS)) == 2                   # published/ at the start and at the end
+    assert len(seen.listings(RESULTS)) == 3      # access check (1 key), published/ at the start and at the end
+    assert (run / "dataset.csv").read_bytes() == client.get_object(Bucket=DATA, Key="plate/load_data.csv")["Body"].read()
     fetched = [json.loads((run / "published" / j["id"] / "bpcp-job.json").read_text())["fetch"] for j in plan["jobs"]]
     assert all(f["files"] == 6 for f in fetched)
     per_job = ", ".join(f"{f['seconds']:.3f}" for f in fetched)
@@ -441,25 +477,35 @@ def test_run_from_s3_to_s3_equals_local_and_resumes_from_s3(aws, example_plate, 
 
 @pytest.mark.cellprofiler
 @pytest.mark.slow
-def test_path_map_turns_mounted_bucket_paths_into_s3(aws, example_plate, cp_venv, s3_reference, tmp_path):
-    """The CSV names the images by a local (e.g. s3fs-mounted) path; --path-map points them at S3."""
+def test_path_map_turns_mounted_bucket_paths_into_s3_in_multihost_mode(aws, example_plate, cp_venv, s3_reference,
+                                                                        tmp_path):
+    """The CSV names the images by a local (e.g. s3fs-mounted) path; --path-map points them at S3.
+    Run through the multi-host job script (sshlogin ':'): the fetch list travels in stage/<job>/."""
     client = aws.client("s3")
     upload_plate(client, example_plate)
     run = tmp_path / "run"
+    logins = tmp_path / "hosts.sshlogin"
+    logins.write_text("2/:\n")
     seen = Requests(aws)
     bpcp("run", "--cellprofiler", cp_venv, "-d", str(example_plate / "load_data.csv"),
          "-p", str(example_plate / "example_loaddata.cppipe"), "-o", str(run), "--bundle", "0",
-         "--path-map", f"{example_plate / 'images'}=s3://{DATA}/plate/images")
+         "--path-map", f"{example_plate / 'images'}=s3://{DATA}/plate/images", "--sshloginfile", str(logins))
     assert_merged_equals(s3_reference, run)
     plan = json.loads((run / "plan.json").read_text())
     assert plan["dataset"]["path_map"] == [f"{example_plate / 'images'}=s3://{DATA}/plate/images"]
     images = sorted(f"plate/images/{p.name}" for p in (example_plate / "images").iterdir())
     assert sorted(seen.gets(DATA)) == images and len(seen.listings(DATA)) == 1
+    job = plan["jobs"][0]["id"]
+    assert (run / "stage" / job / "fetch.txt").read_text() == (run / "inputs" / f"{job}.fetch").read_text()
+    assert f"s3://{DATA}/plate/images" in (run / "stage" / job / "input.csv").read_text()
+    assert not (run / "stage" / job / "root").exists()          # nothing local to stage
 
 
 @pytest.mark.cellprofiler
 @pytest.mark.slow
-def test_run_yml_with_dataset_and_output_on_s3(aws, example_plate, cp_venv, s3_reference, tmp_path):
+def test_run_yml_with_dataset_and_output_on_s3(aws, example_plate, cp_venv, s3_reference, tmp_path, monkeypatch):
+    secret = f"bpcp-planted-secret-{uuid.uuid4().hex}"
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
     client = aws.client("s3")
     dataset = upload_plate(client, example_plate)
     client.create_bucket(Bucket=RESULTS)
@@ -470,12 +516,14 @@ def test_run_yml_with_dataset_and_output_on_s3(aws, example_plate, cp_venv, s3_r
                            "-e", f"cellprofiler_version={Path(cp_venv).name}"],
                           cwd=ROOT, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-4000:]
-    assert "COMPLETE: 8/8 jobs done, 8/8 groups, 16/16 image sets" in proc.stdout
+    assert re.search(r"COMPLETE: (\d+)/\1 jobs done, 8/8 groups, 16/16 image sets", proc.stdout)
     assert_merged_equals(s3_reference, tmp_path / "run")
     keys = objects(client, RESULTS, "yml/")
     assert "report.json" in keys and "merged/Nuclei.parquet" in keys
     assert sum(1 for k in keys if k.endswith("/bpcp-job.json")) == len(
         json.loads((tmp_path / "run" / "plan.json").read_text())["jobs"])
+    assert files_holding(tmp_path / "run", secret.encode()) == [] and secret not in proc.stdout
+    assert [k for k, v in keys.items() if secret.encode() in v] == []
 
 
 # ---------------------------------------------------------------- bad inputs (bpcp plan, in-process)
@@ -510,3 +558,33 @@ def test_bad_s3_inputs_are_one_line_and_write_nothing(case, aws, example_plate, 
     assert not out.exists() or not any(out.iterdir())
     if case == "image":
         assert err[0].startswith(f"bpcp: error: {dataset}: ")       # the URL given, not a temporary copy
+
+
+@pytest.mark.cellprofiler
+def test_no_python_with_botocore_stops_the_run_before_any_job(aws, example_plate, cp_venv, tmp_path):
+    client = aws.client("s3")
+    dataset = upload_plate(client, example_plate)
+    run = tmp_path / "run"
+    proc = bpcp("run", "--cellprofiler", cp_venv, "-d", dataset, "-p", str(example_plate / "example_loaddata.cppipe"),
+                "-o", str(run), "--s3-python", "/nonexistent/python3", check=False)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and "/nonexistent/python3: not found on this host" in err[0] and "role awscli" in err[0]
+    assert not (run / "jobs.sh").exists() and not any((run / "published").iterdir())
+
+
+@pytest.mark.cellprofiler
+@pytest.mark.slow
+def test_run_yml_names_a_worker_without_botocore_before_running(aws, example_plate, cp_venv, tmp_path):
+    client = aws.client("s3")
+    dataset = upload_plate(client, example_plate)
+    ansible = str(Path(sys.executable).parent / "ansible-playbook")
+    proc = subprocess.run([ansible, "run.yml", "-e", f"dataset={dataset}",
+                           "-e", f"pipeline={example_plate / 'example_loaddata.cppipe'}",
+                           "-e", f"output={tmp_path / 'run'}", "-e", "s3_python=/nonexistent/python3",
+                           "-e", f"cellprofiler_version={Path(cp_venv).name}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode != 0
+    assert "no Python with botocore at /nonexistent/python3" in proc.stdout, proc.stdout[-3000:]
+    assert "Run the jobs" not in proc.stdout
+    assert not (tmp_path / "run" / "plan.json").exists()
