@@ -5,12 +5,13 @@ Parses arguments and calls the step modules; no logic of its own.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from bpcp import __version__
 from bpcp.errors import BpcpError
-from bpcp.plan import PlanOptions, parse_group_by, parse_only
+from bpcp.plan import AUTO_MAX_SETS, PlanOptions, parse_bundle, parse_group_by, parse_only
 from bpcp.render import RunSettings
 from bpcp.runfolder import RunFolder
 
@@ -27,8 +28,13 @@ def _plan_arguments(parser: argparse.ArgumentParser, required: bool = True) -> N
                         "'none' = one group)")
     g.add_argument("--only", action="append", metavar="KEY=VALUE[,KEY=VALUE]",
                    help="run only the groups with these values (repeat for more)")
-    g.add_argument("--bundle", type=int, default=0, metavar="N",
-                   help="pack small groups into jobs of about N image sets (amortises start-up)")
+    g.add_argument("--bundle", default="auto", metavar="auto|N|0",
+                   help="pack groups into jobs of about N image sets to amortise CellProfiler's start-up; "
+                        f"auto (default): about one job per slot, at most {AUTO_MAX_SETS} image sets each; "
+                        "0: one group per job")
+    g.add_argument("--slots", type=int, default=None, metavar="N",
+                   help="CellProfiler processes the run will have, for --bundle auto (default: this host's cores; "
+                        "`bpcp run` counts --jobs and --sshloginfile)")
     g.add_argument("--cellprofiler", help="CellProfiler venv folder, its executable, or a version installed "
                                           "under /opt/cellprofiler (default: $BPCP_CELLPROFILER or /opt/cellprofiler/current)")
     g.add_argument("--skip-image-check", action="store_true", help="do not check that every image exists")
@@ -98,22 +104,29 @@ def _profile_settings(run: RunFolder, args: argparse.Namespace) -> dict:
     return settings_from_profile(profile, host, plan)
 
 
-def _options(args: argparse.Namespace) -> PlanOptions:
-    if args.bundle < 0:
-        raise BpcpError(f"--bundle {args.bundle}: give a number of image sets per job, or 0 for no bundling")
-    return PlanOptions(group_by=parse_group_by(args.group_by), only=parse_only(args.only), bundle=args.bundle)
+def _options(args: argparse.Namespace, slots: int | None = None) -> PlanOptions:
+    slots = args.slots or slots or os.cpu_count() or 1
+    if slots < 1:
+        raise BpcpError(f"--slots {slots}: give the number of CellProfiler processes the run will have (1 or more)")
+    return PlanOptions(group_by=parse_group_by(args.group_by), only=parse_only(args.only),
+                       bundle=parse_bundle(args.bundle), slots=slots)
 
 
-def _prepare(args: argparse.Namespace):
+def _prepare(args: argparse.Namespace, slots: int | None = None, write: bool = True):
     from bpcp.prepare import prepare
 
-    prepared = prepare(args.dataset, args.pipeline, args.output, _options(args), args.cellprofiler,
-                       check_images=not args.skip_image_check, path_map=args.path_map)
+    prepared = prepare(args.dataset, args.pipeline, args.output, _options(args, slots), args.cellprofiler,
+                       check_images=not args.skip_image_check, path_map=args.path_map, write=write)
     doc = prepared.plan.doc
     sizes = [len(j["image_numbers"]) for j in doc["jobs"]]
-    print(f"bpcp: planned {len(sizes)} jobs over {doc['image_sets']} image sets "
-          f"({min(sizes)}-{max(sizes)} per job) with CellProfiler {doc['cellprofiler']['version']}"
+    bundle = doc.get("bundle", {})
+    how = (f"bundled for {bundle['slots']} slots" if bundle.get("asked") == "auto" and bundle.get("sets_per_job", 0) > 1
+           else "one group per job" if all(len(j["groups"]) == 1 for j in doc["jobs"]) else "bundled")
+    print(f"bpcp: {'planned' if write else 'would plan'} {len(sizes)} jobs over {doc['image_sets']} image sets "
+          f"({min(sizes)}-{max(sizes)} per job, {how}) with CellProfiler {doc['cellprofiler']['version']}"
           f"{' (same as the plan already there)' if prepared.reused else ''}: {Path(args.output).resolve() / 'plan.json'}")
+    if bundle.get("why_not"):
+        print(f"bpcp: not bundling groups: {bundle['why_not']}")
     fetching = sum(1 for job in doc["jobs"] if job.get("fetch"))
     if fetching:
         print(f"bpcp: {fetching} of {len(doc['jobs'])} jobs download their images from S3 before CellProfiler starts")
@@ -132,7 +145,7 @@ def cmd_example(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    _prepare(args)
+    _prepare(args, write=not args.check)
     return 0
 
 
@@ -160,6 +173,8 @@ def _finish(run: RunFolder, status: int, s3_output: str = "") -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from bpcp.run import execute, render
 
+    from bpcp.render import parse_sshlogins, total_slots
+
     _settings(args)          # bad settings fail before anything is planned or run
     if args.s3_output:
         from bpcp.mirror import check_prefix
@@ -167,7 +182,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         check_prefix(args.s3_output)     # no such bucket, no access: said before anything is planned
     run = RunFolder(args.output.resolve())
     if args.pipeline is not None:
-        _prepare(args)
+        logins = None
+        if args.sshloginfile is not None and Path(args.sshloginfile).is_file():
+            logins = parse_sshlogins(Path(args.sshloginfile).read_text(), str(args.sshloginfile))
+        _prepare(args, total_slots(_settings(args, run).jobs, os.cpu_count() or 1, logins))
     elif not run.plan.exists():
         raise BpcpError("no --pipeline given and no plan in the run folder; pass --dataset and --pipeline")
     settings = _settings(args, run)
@@ -228,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="check the inputs and write plan.json and per-job inputs")
     _plan_arguments(p)
     _output_argument(p)
+    p.add_argument("--check", action="store_true", help="check and plan, but write nothing")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("render", help="write jobs.sh, the GNU parallel script, from plan.json")

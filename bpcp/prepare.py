@@ -15,8 +15,8 @@ from bpcp import preflight
 from bpcp import s3
 from bpcp.dataset import ImageSets, sha256_file
 from bpcp.errors import BpcpError
-from bpcp.plan import Plan, PlanOptions, make_plan
-from bpcp.runfolder import RunFolder, read_plan, same_work, write_plan
+from bpcp.plan import AUTO, Plan, PlanOptions, make_plan
+from bpcp.runfolder import RunFolder, read_plan, same_groups, same_work, write_plan
 
 
 @dataclass
@@ -59,7 +59,8 @@ def prepare(dataset, pipeline, run_dir: Path, options: PlanOptions, cellprofiler
 
 def _prepare(dataset: Path | None, pipeline: Path, run_dir: Path, options: PlanOptions,
              cellprofiler: str | None, check_images: bool, maps: tuple,
-             remote: s3.RemoteInputs | None) -> Prepared:
+             remote: s3.RemoteInputs | None, write: bool = True) -> Prepared:
+    """Check everything, plan, and (unless write=False) write the run folder."""
     pipeline = Path(pipeline).expanduser().resolve()
     run = RunFolder(Path(run_dir).expanduser().resolve())
     problems = preflight.check_pipeline_file(pipeline) + preflight.check_output(run.root)
@@ -108,11 +109,16 @@ def _prepare(dataset: Path | None, pipeline: Path, run_dir: Path, options: PlanO
     if run.plan.exists():
         old = read_plan(run)
         diffs = same_work(old, plan.doc)
+        if diffs == ["the groups changed"] and options.bundle == AUTO and same_groups(old, plan.doc):
+            # Automatic bundling for another number of slots: keep the jobs planned (and perhaps
+            # published) before, so nothing finished is redone or lost.
+            return Prepared(Plan(old, []), image_sets, cp, True)
         if diffs:
             raise BpcpError(
                 f"{run.root}: already holds a run whose {' and '.join(d.removeprefix('the ') for d in diffs)}; "
                 "its published results would not match: choose a new --output, or delete that folder"
             )
         reused = True
-    write_plan(run, plan, image_sets, pipeline)
+    if write:
+        write_plan(run, plan, image_sets, pipeline)
     return Prepared(plan, image_sets, cp, reused)

@@ -125,6 +125,27 @@ def parse_sshlogins(text: str, source: str) -> list[str]:
     return logins
 
 
+def host_slots(jobs: str, cores: int) -> int:
+    """GNU parallel's -j value on a host of `cores` cores, as a number of slots."""
+    jobs = str(jobs)
+    if jobs.endswith("%"):
+        return max(1, cores * int(jobs[:-1]) // 100)
+    if jobs[0] in "+-":
+        return max(1, cores + int(jobs))
+    return max(1, int(jobs))
+
+
+def total_slots(jobs: str, cores: int, sshlogins: list[str] | None = None) -> int:
+    """Slots over all hosts: the 'N/' of each sshlogin, else `jobs` of this host's cores."""
+    if not sshlogins:
+        return host_slots(jobs, cores)
+    total = 0
+    for login in sshlogins:
+        count, sep, _ = login.partition("/")
+        total += int(count) if sep and count.strip().isdigit() else host_slots(jobs, cores)
+    return total
+
+
 def write_script(run: RunFolder, plan: dict, settings: RunSettings, cp_argv: list[str],
                  cp_env: dict[str, str] | None = None, sshlogins: list[str] | None = None) -> Path:
     """jobs.sh and joblist.tsv; with sshlogins, also sshlogins.txt and stage/ for remote hosts."""

@@ -77,6 +77,13 @@ def same_work(old: dict, new: dict) -> list[str]:
     return diffs
 
 
+def same_groups(old: dict, new: dict) -> bool:
+    """Both plans run the same groups (however they are bundled into jobs)."""
+    def groups(doc: dict) -> list[str]:
+        return sorted(json.dumps(g, sort_keys=True) for job in doc.get("jobs", []) for g in job["groups"])
+    return old.get("group_by") == new.get("group_by") and groups(old) == groups(new)
+
+
 def _absolute_paths(table: pa.Table, base: Path) -> pa.Table:
     """Job CSVs live in the run folder: turn relative PathName columns into absolute ones."""
     for i, name in enumerate(table.column_names):

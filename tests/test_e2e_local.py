@@ -71,20 +71,27 @@ def reference_loaddata(example_plate, cp_venv, tmp_path_factory) -> Path:
 
 def test_loaddata_run_equals_single_process(example_plate, cp_venv, reference_loaddata, tmp_path):
     run = tmp_path / "run"
+    # the default --bundle auto: about one job per slot (8 wells of 2 sites on 2 slots: 2 jobs of 4 wells)
     proc = bpcp("run", "--cellprofiler", cp_venv, "-d", str(example_plate / "load_data.csv"),
-                "-p", str(example_plate / "example_loaddata.cppipe"), "-o", str(run))
-    assert "COMPLETE: 8/8 jobs done" in proc.stdout
+                "-p", str(example_plate / "example_loaddata.cppipe"), "-o", str(run), "--slots", "2")
+    assert "COMPLETE: 2/2 jobs done, 8/8 groups, 16/16 image sets" in proc.stdout
+    assert "bundled for 2 slots" in proc.stdout
     assert_merged_equals(reference_loaddata, run)
     cells = pq.read_table(run / "merged" / "single_cell.parquet")
     assert cells.num_rows == pq.read_table(run / "merged" / "Cytoplasm.parquet").num_rows
     # every job's own output folder, log and record are kept under published/
     for job in json.loads((run / "plan.json").read_text())["jobs"]:
         record = json.loads((run / "published" / job["id"] / "bpcp-job.json").read_text())
-        assert record["image_sets"] == len(job["image_numbers"]) == 2
+        assert record["image_sets"] == len(job["image_numbers"]) == 8 and len(job["groups"]) == 4
         assert (run / "published" / job["id"] / "cellprofiler.log").exists()
     # a second run finds nothing to do and changes nothing
     again = bpcp("run", "-o", str(run))
-    assert "8 of 8 jobs already published, 0 to run" in again.stdout
+    assert "2 of 2 jobs already published, 0 to run" in again.stdout
+    # nor does one for more slots: automatic bundling keeps the jobs already planned
+    more = bpcp("run", "--cellprofiler", cp_venv, "-d", str(example_plate / "load_data.csv"),
+                "-p", str(example_plate / "example_loaddata.cppipe"), "-o", str(run), "--slots", "8")
+    assert "same as the plan already there" in more.stdout
+    assert "2 of 2 jobs already published, 0 to run" in more.stdout
 
 
 def test_folder_run_equals_single_process(example_plate, cp_venv, tmp_path):
@@ -93,7 +100,7 @@ def test_folder_run_equals_single_process(example_plate, cp_venv, tmp_path):
                                "-i", str(plate / "images"))
     run = tmp_path / "run"
     bpcp("run", "--cellprofiler", cp_venv, "-d", str(plate / "images"), "-p", str(plate / "example_images.cppipe"),
-         "-o", str(run), "--group-by", "Plate,Well,Site")
+         "-o", str(run), "--group-by", "Plate,Well,Site", "--bundle", "0")
     assert len(json.loads((run / "plan.json").read_text())["jobs"]) == 16
     assert_merged_equals(reference, run)
 
@@ -112,7 +119,7 @@ def test_file_list_with_odd_group_values(example_plate, cp_venv, tmp_path):
     (tmp_path / "files.txt").write_text("\n".join(lines) + "\n")
     run = tmp_path / "run"
     proc = bpcp("run", "--cellprofiler", cp_venv, "-d", str(tmp_path / "files.txt"),
-                "-p", str(example_plate / "example_images.cppipe"), "-o", str(run))
+                "-p", str(example_plate / "example_images.cppipe"), "-o", str(run), "--bundle", "0")
     assert "COMPLETE: 4/4 jobs done" in proc.stdout
     image = pq.read_table(run / "merged" / "Image.parquet").to_pylist()
     assert sorted({r["Metadata_Plate"] for r in image}) == sorted(plates.values())
@@ -222,7 +229,7 @@ def test_kill_midway_then_rerun_finishes_each_group_exactly_once(cp_venv, tmp_pa
                                                                   example_plate):
     run = tmp_path / "run"
     args = ["run", "--cellprofiler", cp_venv, "-d", str(example_plate / "load_data.csv"),
-            "-p", str(example_plate / "example_loaddata.cppipe"), "-o", str(run), "--retries", "1"]
+            "-p", str(example_plate / "example_loaddata.cppipe"), "-o", str(run), "--retries", "1", "--bundle", "0"]
     first = subprocess.Popen(BPCP + args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              start_new_session=True)
     killed_parallel = killed_cp = None

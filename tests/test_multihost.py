@@ -61,7 +61,7 @@ def single_host(plate, cp_venv, tmp_path_factory) -> Path:
 def run_yml(inventory: Path, plate: Path, output: Path, *extra: str, **popen) -> subprocess.Popen:
     argv = [ANSIBLE_PLAYBOOK, "-i", str(inventory), str(ROOT / "run.yml"),
             "-e", f"dataset={plate / 'load_data.csv'}", "-e", f"pipeline={plate / 'example_loaddata.cppipe'}",
-            "-e", f"output={output}", "-e", "jobs_per_host=1", *extra]
+            "-e", f"output={output}", "-e", "jobs_per_host=1", "-e", "bundle=0", *extra]
     return subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
 
 

@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from bpcp.plan import auto_bundle
 
 pytestmark = [pytest.mark.cellprofiler, pytest.mark.slow]
 
@@ -25,7 +28,11 @@ def test_run_yml_on_localhost_ends_complete(example_plate, tmp_path, cp_venv):
                    "-e", f"pipeline={example_plate / 'example_loaddata.cppipe'}", "-e", f"output={tmp_path / 'run'}",
                    "-e", f"cellprofiler_version={version}")
     assert proc.returncode == 0, proc.stdout[-4000:]
-    assert "COMPLETE: 8/8 jobs done, 8/8 groups, 16/16 image sets" in proc.stdout
+    # --bundle auto: about one job per slot of this machine (its cores), never fewer jobs than that
+    wells_per_job = max(1, auto_bundle(16, os.cpu_count() or 1) // 2)
+    jobs = len(json.loads((tmp_path / "run" / "plan.json").read_text())["jobs"])
+    assert jobs == -(-8 // wells_per_job), jobs
+    assert f"COMPLETE: {jobs}/{jobs} jobs done, 8/8 groups, 16/16 image sets" in proc.stdout
     assert f"merged tables in {tmp_path / 'run'}/merged" in proc.stdout
     assert json.loads((tmp_path / "run" / "report.json").read_text())["complete"]
     assert (tmp_path / "run" / "merged" / "Nuclei.parquet").exists()
@@ -33,7 +40,7 @@ def test_run_yml_on_localhost_ends_complete(example_plate, tmp_path, cp_venv):
     again = run_yml("-e", f"dataset={example_plate / 'load_data.csv'}",
                     "-e", f"pipeline={example_plate / 'example_loaddata.cppipe'}", "-e", f"output={tmp_path / 'run'}",
                     "-e", f"cellprofiler_version={version}")
-    assert again.returncode == 0 and "8 of 8 jobs already published, 0 to run" in again.stdout
+    assert again.returncode == 0 and f"{jobs} of {jobs} jobs already published, 0 to run" in again.stdout
 
 
 def test_run_yml_without_a_pipeline_says_what_it_needs(tmp_path):
@@ -59,3 +66,13 @@ def test_run_yml_refuses_a_cellprofiler_version_the_hosts_do_not_have(example_pl
                    "-e", "cellprofiler_version=3.1.9")
     assert proc.returncode != 0
     assert "CellProfiler not found at /opt/cellprofiler/3.1.9" in proc.stdout
+
+
+def test_run_yml_check_mode_plans_nothing_and_runs_nothing(example_plate, tmp_path, cp_venv):
+    """--check: the inputs are checked and the plan shown, but no run folder is written."""
+    proc = run_yml("--check", "-e", f"dataset={example_plate / 'load_data.csv'}",
+                   "-e", f"pipeline={example_plate / 'example_loaddata.cppipe'}", "-e", f"output={tmp_path / 'run'}",
+                   "-e", f"cellprofiler_version={Path(cp_venv).name}")
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert "would plan" in proc.stdout and "16 image sets" in proc.stdout
+    assert not (tmp_path / "run").exists()
