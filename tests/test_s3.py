@@ -126,7 +126,7 @@ def test_job_script_downloads_only_for_plans_with_fetch_lists(tmp_path):
     plain = render_script(_plan(fetch=False), tmp_path, RunSettings(), ["cellprofiler"])
     assert "bpcp_fetch" not in plain and "BPCP_S3" not in plain
     text = render_script(_plan(), tmp_path, RunSettings(s3_output="s3://bkt/runs/1/"), ["cellprofiler"])
-    assert 'BPCP_S3_PYTHON="${BPCP_S3_PYTHON:-/opt/awscli/bin/python3}"' in text
+    assert 'BPCP_S3_PYTHON=${BPCP_S3_PYTHON:-/opt/awscli/bin/python3}' in text
     assert "BPCP_S3_OUTPUT=s3://bkt/runs/1\n" in text and "bpcp_upload" in text
     assert 'fetch_list="$here/inputs/$id.fetch"' in text
     multi = render_script(_plan(), tmp_path, RunSettings(), ["cellprofiler"], multihost=True)
