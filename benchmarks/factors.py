@@ -3,8 +3,8 @@ GNU parallel through bpcp's own job script.
 
     .venv/bin/python benchmarks/factors.py [--image-sets 8] [--size 1024] [--only pin,bundle,order,tmp,merge]
 
-  pin     bpcp defaults (one thread per process) vs --no-pin-threads
-  bundle  one job per Plate+Well group (default) vs --bundle image-sets/cores (one job per core)
+  pin     one thread per process (default) vs --no-pin-threads, both one job per well (--bundle 0)
+  bundle  one job per Plate+Well group (--bundle 0) vs --bundle auto (default: about one job per core)
   order   an uneven plan (one well of 6 sites, six wells of 1): jobs.sh with bpcp's longest-first
           joblist vs the same joblist reversed (shortest first)
   tmp     --tmp-root on the RAM disk (default when mounted) vs on disk ('')
@@ -49,7 +49,8 @@ def jobs_script(name: str, runs: Path, data: Path, pipeline: Path, cp_spec: str,
     out = runs / name
     if out.exists():
         shutil.rmtree(out)
-    for step in (["plan", "--dataset", str(data), "--pipeline", str(pipeline), "--cellprofiler", cp_spec],
+    for step in (["plan", "--dataset", str(data), "--pipeline", str(pipeline), "--cellprofiler", cp_spec,
+                  "--bundle", "0"],
                  ["render", "--cellprofiler", cp_spec]):
         m = measure(name, [str(BPCP), step[0], "--output", str(out), *step[1:]], log=runs / f"{name}.{step[0]}.log")
         if m.returncode != 0:
@@ -136,11 +137,12 @@ def main(argv: list[str] | None = None) -> int:
           f"load {Path('/proc/loadavg').read_text().split()[:3]}", flush=True)
     bundle = math.ceil(w.image_sets / cores)
     pairs = {
-        "pin": [("pinned (default)", lambda n: bpcp_run(n, runs, data, pipeline, args.cellprofiler)),
-                ("unpinned", lambda n: bpcp_run(n, runs, data, pipeline, args.cellprofiler, "--no-pin-threads"))],
-        "bundle": [(f"per well ({w.sites} sets)", lambda n: bpcp_run(n, runs, data, pipeline, args.cellprofiler)),
-                   (f"--bundle {bundle}", lambda n: bpcp_run(n, runs, data, pipeline, args.cellprofiler,
-                                                             "--bundle", str(bundle)))],
+        "pin": [("pinned (default)", lambda n: bpcp_run(n, runs, data, pipeline, args.cellprofiler, "--bundle", "0")),
+                ("unpinned", lambda n: bpcp_run(n, runs, data, pipeline, args.cellprofiler, "--bundle", "0",
+                                                "--no-pin-threads"))],
+        "bundle": [(f"per well ({w.sites} sets)", lambda n: bpcp_run(n, runs, data, pipeline, args.cellprofiler,
+                                                                    "--bundle", "0")),
+                   (f"auto ({bundle} sets)", lambda n: bpcp_run(n, runs, data, pipeline, args.cellprofiler))],
         "tmp": [("RAM disk", lambda n: bpcp_run(n, runs, data, pipeline, args.cellprofiler,
                                                 "--tmp-root", "/mnt/bpcp-ramdisk")),
                 ("disk", lambda n: bpcp_run(n, runs, data, pipeline, args.cellprofiler, "--tmp-root", ""))],
