@@ -185,7 +185,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         logins = None
         if args.sshloginfile is not None and Path(args.sshloginfile).is_file():
             logins = parse_sshlogins(Path(args.sshloginfile).read_text(), str(args.sshloginfile))
-        _prepare(args, total_slots(_settings(args, run).jobs, os.cpu_count() or 1, logins))
+        seeded = False
+        if args.s3_output:
+            from bpcp.mirror import seed_plan
+
+            seeded = seed_plan(run, args.s3_output)     # a fresh controller resumes the S3 copy's jobs
+        try:
+            _prepare(args, total_slots(_settings(args, run).jobs, os.cpu_count() or 1, logins))
+        except BpcpError:
+            if seeded:
+                run.plan.unlink()                          # leave the folder as it was found
+            raise
     elif not run.plan.exists():
         raise BpcpError("no --pipeline given and no plan in the run folder; pass --dataset and --pipeline")
     settings = _settings(args, run)

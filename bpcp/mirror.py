@@ -26,7 +26,7 @@ from pathlib import Path
 
 from bpcp import s3
 from bpcp.errors import BpcpError
-from bpcp.runfolder import RunFolder, same_work
+from bpcp.runfolder import RunFolder, same_work, write_atomic
 
 MARKER = "bpcp-job.json"
 START_FILES = ("plan.json", "dataset.csv")
@@ -98,6 +98,19 @@ def start(run: RunFolder, url_text: str, client=None) -> dict[str, list[str]]:
     if there:
         print(f"bpcp: {url}: {len(there)} jobs published there; brought down {pulled} the run folder lacked")
     return there
+
+
+def seed_plan(run: RunFolder, url_text: str, client=None) -> bool:
+    """An empty run folder takes the plan.json of the S3 copy, so planning keeps that run's jobs
+    (its bundling) instead of planning others the prefix would refuse. True when seeded."""
+    if run.plan.exists():
+        return False
+    old = remote_plan(_url(url_text), client)
+    if old is None:
+        return False
+    run.root.mkdir(parents=True, exist_ok=True)
+    write_atomic(run.plan, json.dumps(old, indent=1))
+    return True
 
 
 def pull_jobs(run: RunFolder, url: s3.S3Url, jobs: dict[str, list[str]], client=None) -> int:

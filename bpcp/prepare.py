@@ -104,21 +104,24 @@ def _prepare(dataset: Path | None, pipeline: Path, run_dir: Path, options: PlanO
         delimiter=delimiter,
     )
     plan.doc["cellprofiler"]["executable"] = str(cp.executable)
-    s3.annotate(plan, image_sets, remote, maps)
     reused = False
     if run.plan.exists():
         old = read_plan(run)
         diffs = same_work(old, plan.doc)
         if diffs == ["the groups changed"] and options.bundle == AUTO and same_groups(old, plan.doc):
             # Automatic bundling for another number of slots: keep the jobs planned (and perhaps
-            # published) before, so nothing finished is redone or lost.
-            return Prepared(Plan(old, []), image_sets, cp, True)
+            # published) before, so nothing finished is redone or lost. Their image sets are the
+            # rows their image numbers name, so their inputs can be written again.
+            plan = Plan({**plan.doc, "jobs": old["jobs"], "bundle": old.get("bundle", plan.doc.get("bundle"))},
+                        [[n - 1 for n in job["image_numbers"]] for job in old["jobs"]])
+            diffs = []
         if diffs:
             raise BpcpError(
                 f"{run.root}: already holds a run whose {' and '.join(d.removeprefix('the ') for d in diffs)}; "
                 "its published results would not match: choose a new --output, or delete that folder"
             )
         reused = True
+    s3.annotate(plan, image_sets, remote, maps)
     if write:
         write_plan(run, plan, image_sets, pipeline)
     return Prepared(plan, image_sets, cp, reused)

@@ -474,6 +474,12 @@ def test_run_from_s3_to_s3_equals_local_and_resumes_from_s3(aws, example_plate, 
     assert_merged_equals(s3_reference, fresh)
     assert files_holding(fresh, secret.encode()) == []
 
+    # and one with another number of slots and the default --bundle auto: the S3 copy's jobs are kept
+    other = bpcp("run", "--cellprofiler", cp_venv, "-d", dataset, "-p", str(example_plate / "example_loaddata.cppipe"),
+                 "-o", str(tmp_path / "fresh2"), "--slots", "3", "--s3-output", output)
+    assert "8 of 8 jobs already published, 0 to run" in other.stdout
+    assert json.loads((tmp_path / "fresh2" / "plan.json").read_text())["jobs"] == plan["jobs"]
+
 
 @pytest.mark.cellprofiler
 @pytest.mark.slow
