@@ -53,7 +53,7 @@ def single_host(plate, cp_venv, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("single") / "run"
     proc = subprocess.run([sys.executable, "-m", "bpcp.cli", "run", "--cellprofiler", cp_venv,
                            "-d", str(plate / "load_data.csv"), "-p", str(plate / "example_loaddata.cppipe"),
-                           "-o", str(run)], capture_output=True, text=True, timeout=1800)
+                           "-o", str(run), "--bundle", "0"], capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     return run
 
