@@ -6,7 +6,6 @@ aws_ec2 inventory plugin) through `AwsEndpoint.env`; no test may talk to real AW
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,16 +13,12 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from container_hosts import free_port
+
 REGION = "us-east-1"
 # Fake credentials: moto accepts any. A test that plants a "secret" uses its own value.
 FAKE_KEY_ID = "AKIAIOSFODNN7EXAMPLE"
 FAKE_SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
