@@ -171,16 +171,17 @@ def _finish(run: RunFolder, status: int, s3_output: str = "") -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from bpcp.render import parse_sshlogins, total_slots
     from bpcp.run import execute, render
 
-    from bpcp.render import parse_sshlogins, total_slots
-
-    _settings(args)          # bad settings fail before anything is planned or run
+    run = RunFolder(args.output.resolve())
+    # Bad settings fail before anything is planned or run. A profile.json only exists beside the
+    # plan it measured, and planning keeps that plan, so these settings hold for the run too.
+    settings = _settings(args, run)
     if args.s3_output:
         from bpcp.mirror import check_prefix
 
         check_prefix(args.s3_output)     # no such bucket, no access: said before anything is planned
-    run = RunFolder(args.output.resolve())
     if args.pipeline is not None:
         logins = None
         if args.sshloginfile is not None and Path(args.sshloginfile).is_file():
@@ -191,14 +192,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
             seeded = seed_plan(run, args.s3_output)     # a fresh controller resumes the S3 copy's jobs
         try:
-            _prepare(args, total_slots(_settings(args, run).jobs, os.cpu_count() or 1, logins))
+            _prepare(args, total_slots(settings.jobs, os.cpu_count() or 1, logins))
         except BpcpError:
             if seeded:
                 run.plan.unlink()                          # leave the folder as it was found
             raise
     elif not run.plan.exists():
         raise BpcpError("no --pipeline given and no plan in the run folder; pass --dataset and --pipeline")
-    settings = _settings(args, run)
     if settings.s3_output:
         from bpcp.mirror import start
 
