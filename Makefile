@@ -9,7 +9,7 @@ PLATE ?= example-plate
 # CellProfiler 4.2.8.1 needs Python 3.9: the tests install it beside 5.0 when one is found.
 PYTHON39 ?= $(firstword $(wildcard /usr/bin/python3.9 /usr/local/bin/python3.9 /root/.pyenv/versions/3.9*/bin/python3.9))
 
-.PHONY: setup hosts demo test test-python test-ansible clean
+.PHONY: setup hosts demo test test-python lint-python test-ansible clean
 
 ## setup: the controller's virtualenv (.venv) with bpcp, Ansible, Molecule and linters, pinned
 setup: $(VENV)/.installed
@@ -38,8 +38,13 @@ test: setup
 	$(BIN)/ansible-playbook site.yml "$${extra[@]}"
 	$(MAKE) test-python test-ansible
 
-test-python: setup
+test-python: setup lint-python
 	$(BIN)/python -m pytest -ra
+
+## lint-python: ruff over the Python, mypy over the pure modules (pyproject.toml says which)
+lint-python: setup
+	$(BIN)/ruff check bpcp tests benchmarks
+	$(BIN)/mypy
 
 test-ansible: setup
 	PATH="$(abspath $(BIN)):$$PATH" bash scripts/test-ansible.sh

@@ -23,9 +23,9 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
-from bpcp.cellprofiler import locate  # noqa: E402
 from bpcp.example import PlateSpec, generate_plate  # noqa: E402
-from bpcp.render import JAVA_THREAD_ENV, THREAD_ENV  # noqa: E402
+from bpcp.inputs.cellprofiler import locate  # noqa: E402
+from bpcp.jobs.runner import JAVA_THREAD_ENV, THREAD_ENV, job_environment  # noqa: E402
 
 PIPELINE = HERE / "data" / "measure_heavy.cppipe"
 RAMDISK = Path("/mnt/bpcp-ramdisk")
@@ -83,31 +83,14 @@ class CP:
     major: int
 
     @classmethod
-    def find(cls, spec: str) -> "CP":
+    def find(cls, spec: str) -> CP:
         cp = locate(spec)
-        version = _dist_version(cp.executable)
-        cp = cp.with_version(version)
-        return cls(cp.argv(), dict(cp.env), version, cp.major)
+        return cls(cp.argv(), dict(cp.env), cp.version, cp.major)
 
     def env(self, pinned: bool) -> dict[str, str]:
         """The environment of a run: pinned = bpcp's one-thread settings, else none of them."""
-        env = {k: v for k, v in os.environ.items()
-               if k not in {name for name, _ in THREAD_ENV + JAVA_THREAD_ENV}}
-        env.update(self.env_extra)
-        env["MPLBACKEND"] = "Agg"
-        if pinned:
-            env.update(dict(THREAD_ENV))
-            if self.major == 4:
-                env.update(dict(JAVA_THREAD_ENV))
-        return env
-
-
-def _dist_version(exe: Path) -> str:
-    for info in sorted(exe.parent.parent.glob("lib/python*/site-packages/[cC]ell[pP]rofiler*-*.dist-info")):
-        m = re.match(r"[cC]ell[pP]rofiler(?:_nightly)?-(.+)\.dist-info", info.name)
-        if m:
-            return m.group(1)
-    return "unknown"
+        base = {k: v for k, v in os.environ.items() if k not in {**THREAD_ENV, **JAVA_THREAD_ENV}}
+        return job_environment(str(self.major), pinned, self.env_extra, base=base)
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -193,8 +176,8 @@ def q(value) -> str:
 
 
 def joblog_span(path: Path) -> tuple[float, float, list[float]]:
-    """(first start, last end, job runtimes) of a GNU parallel joblog (bpcp.report reads it)."""
-    from bpcp.report import read_joblog
+    """(first start, last end, job runtimes) of a GNU parallel joblog (bpcp.results.report reads it)."""
+    from bpcp.results.joblog import read_joblog
 
     attempts, _ = read_joblog(path)
     return (min(a.start for a in attempts), max(a.end for a in attempts), [a.runtime for a in attempts])
@@ -328,3 +311,29 @@ def compare_runs(reference: list[Path], other: list[Path], tables: list[str], li
 
 def output_tables(folder: Path) -> list[str]:
     return sorted(p.stem for p in folder.glob("*.csv") if p.stem != "Experiment")
+
+
+def temp_root(workdir: Path) -> Path:
+    if RAMDISK.is_dir() and os.access(RAMDISK, os.W_OK) and " /mnt/bpcp-ramdisk tmpfs " in Path("/proc/mounts").read_text():
+        return RAMDISK / f"bpcp-bench-{os.getpid()}"
+    return workdir / "tmp"
+
+
+def cp_line(cp: CP, pipeline: Path, data: Path, out: str, tmp: str, extra: str = "") -> str:
+    """A shell command line for one CellProfiler run (out/tmp may hold GNU parallel's {})."""
+    return (f"mkdir -p {out} {tmp} && " + " ".join(q(a) for a in cp.argv)
+            + f" -c -r -p {q(pipeline)} --data-file {q(data)} -o {out} -t {tmp} {extra}")
+
+
+def too_busy(args) -> bool:
+    """--wait-quiet LOAD: wait (at most --max-wait s) for the load to drop; True (say so, measure
+    nothing) when it stayed at LOAD or above and --run-anyway was not given."""
+    if not args.wait_quiet:
+        return False
+    load, waited = wait_for_quiet(args.wait_quiet, args.max_wait)
+    print(f"bench: load average {load:.2f} after waiting {waited:.0f} s", flush=True)
+    if load >= args.wait_quiet and not args.run_anyway:
+        print(f"bench: the machine is still busy (load {load:.2f} >= {args.wait_quiet}); not measuring. "
+              "Rerun later, or pass --run-anyway (numbers will be inflated by the other load)", file=sys.stderr)
+        return True
+    return False

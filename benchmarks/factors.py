@@ -8,7 +8,7 @@ GNU parallel through bpcp's own job script.
   order   an uneven plan (one well of 6 sites, six wells of 1): jobs.sh with bpcp's longest-first
           joblist vs the same joblist reversed (shortest first)
   tmp     --tmp-root on the RAM disk (default when mounted) vs on disk ('')
-  merge   bpcp.merge.merge_run on synthetic run folders of 10, 100, 1000 jobs built from one real
+  merge   bpcp.results.merge.merge_run on synthetic run folders of 10, 100, 1000 jobs built from one real
           published job (benchmarks/merge_bench.py build), seconds per table and in all
 
 Jobs-phase time is GNU parallel's (joblog: first start to last end); "bpcp run" time adds plan
@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import BPCP, CP, Workload, joblog_span, make_plate, measure, wait_for_quiet  # noqa: E402
+from common import BPCP, CP, Workload, joblog_span, make_plate, measure, wait_for_quiet
 
 
 def bpcp_run(name: str, runs: Path, data: Path, pipeline: Path, cp_spec: str, *extra: str) -> dict:
@@ -85,8 +85,9 @@ def uneven_plate(plate: Path) -> Path:
 
 
 def merge_scaling(source_run: Path, work: Path, sizes: list[int]) -> list[dict]:
-    from bpcp.merge import merge_run
     from merge_bench import build
+
+    from bpcp.results.merge import merge_run
 
     source = sorted((source_run / "published").iterdir())[0]
     results = []

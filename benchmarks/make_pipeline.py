@@ -17,14 +17,14 @@ DEFAULT_OUT = HERE / "data" / "measure_heavy.cppipe"
 def build(out: Path) -> None:
     from cellprofiler_core.preferences import set_headless
     set_headless()
-    from cellprofiler_core.pipeline import Pipeline
+    import tempfile
+
     from cellprofiler.modules.measuregranularity import MeasureGranularity
     from cellprofiler.modules.measureimageintensity import MeasureImageIntensity
     from cellprofiler.modules.measureobjectintensitydistribution import MeasureObjectIntensityDistribution
     from cellprofiler.modules.measureobjectneighbors import MeasureObjectNeighbors
     from cellprofiler.modules.measuretexture import MeasureTexture
-
-    import tempfile
+    from cellprofiler_core.pipeline import Pipeline
     from cellprofiler_core.preferences import set_default_image_directory, set_default_output_directory
 
     # LoadData reads the CSV header to know the image names: give it one like the plate's

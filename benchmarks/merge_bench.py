@@ -5,7 +5,7 @@ ImageNumber shifted per repeat), so N jobs x image sets x objects grow as far as
 value stays real CellProfiler output. Then measure the merge, e.g.:
 
     python benchmarks/merge_bench.py build --source RUN/published/JOB --jobs 2000 --repeat 10 --out /tmp/big
-    /usr/bin/time -v python -c "from bpcp.merge import run_merge; raise SystemExit(run_merge('/tmp/big'))"
+    /usr/bin/time -v python -c "from bpcp.results.merge import run_merge; raise SystemExit(run_merge('/tmp/big'))"
 """
 from __future__ import annotations
 

@@ -14,11 +14,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from bpcp import preflight
-from bpcp.dataset import read_loaddata
 from bpcp.example import generate_plate
-from bpcp.plan import PlanOptions
-from bpcp.prepare import prepare
+from bpcp.inputs import preflight
+from bpcp.inputs.dataset import read_loaddata
+from bpcp.jobs.plan import PlanOptions
+from bpcp.jobs.prepare import prepare
 
 WELLS = [f"{r}{c:02d}" for r in "ABCDEFGHIJKLMNOP" for c in range(1, 25)]
 CHANNELS = ("DNA", "PH3", "cellbody")

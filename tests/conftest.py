@@ -1,11 +1,80 @@
-"""Shared fixtures. `cellprofiler_cmd`: the argv prefix of a real CellProfiler, or a clean skip."""
+"""Shared fixtures. `cellprofiler_cmd`: the argv prefix of a real CellProfiler, or a clean skip.
+
+Every fixture or test that needs a real component (CellProfiler, 4.2.8.1, Docker, ms_print,
+Chromium, CytoTable, a tmpfs mount, ...) asks for it through `require`: a missing one skips the
+test on a developer's machine and fails it under CI (BPCP_CI=1, or CI=true as CI sets it), so CI
+never passes by skipping. Each session also gets its own probe cache (BPCP_CACHE) and its own
+temp root for jobs (`session_tmp_root`), so no test sees another session's leftovers.
+"""
 from __future__ import annotations
 
 import os
 import re
+import secrets
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
+
+RAMDISK = Path("/mnt/bpcp-ramdisk")
+
+
+def in_ci() -> bool:
+    """BPCP_CI=1 (or 0 to say no), else CI=true/1 as CI runners set it."""
+    value = os.environ.get("BPCP_CI")
+    if value is None:
+        value = os.environ.get("CI", "")
+    return value.strip().lower() in ("1", "true", "yes")
+
+
+def require(component: str, available: object, why: str) -> None:
+    """Go on when `available` is true; else skip (a developer's machine) or fail (under CI).
+
+    `why` says what is missing and how to get it, e.g. "no chromium (apt-get install -y chromium)"."""
+    if available:
+        return
+    if in_ci():
+        pytest.fail(f"{component} is required under CI and missing: {why} (.ci/run installs it)", pytrace=False)
+    pytest.skip(f"{component}: {why}")
+
+
+_SESSION_CACHE: list[str] = []
+
+
+def pytest_configure(config):
+    """A probe cache of this session's own (BPCP_CACHE, inherited by every bpcp the tests start),
+    unless the caller chose one: no test reads an answer another session or a user left."""
+    if not os.environ.get("BPCP_CACHE"):
+        _SESSION_CACHE.append(tempfile.mkdtemp(prefix="bpcp-test-cache-"))
+        os.environ["BPCP_CACHE"] = _SESSION_CACHE[0]
+
+
+def pytest_unconfigure(config):
+    for folder in _SESSION_CACHE:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def ramdisk_mounted(path: Path = RAMDISK) -> bool:
+    try:
+        mounts = Path("/proc/mounts").read_text()
+    except OSError:
+        return False
+    return f" {path} tmpfs " in mounts and os.access(path, os.W_OK)
+
+
+@pytest.fixture(scope="session")
+def session_tmp_root(tmp_path_factory):
+    """This session's own temp root for jobs (pass it as --tmp-root): a folder on the RAM disk when
+    one is mounted, else under the session's tmp folder; removed at the end of the session. Tests
+    that look for jobs' temp folders look only here: other sessions' runs leave theirs elsewhere."""
+    if ramdisk_mounted():
+        root = RAMDISK / f"bpcp-tests-{os.getpid()}-{secrets.token_hex(4)}"
+        root.mkdir()
+    else:
+        root = tmp_path_factory.mktemp("tmp-root")
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
 
 DEFAULTS = ("/opt/cellprofiler/current", "/opt/cellprofiler/5.0")
 JAVA_HOMES = ("/usr/lib/jvm/java-17-openjdk-amd64", "/usr/lib/jvm/java-17-openjdk-arm64")
@@ -43,9 +112,9 @@ def find_cellprofiler() -> tuple[list[str], str] | None:
 @pytest.fixture(scope="session")
 def cellprofiler_cmd() -> list[str]:
     found = find_cellprofiler()
-    if found is None:
-        where = os.environ.get("BPCP_CELLPROFILER") or " or ".join(DEFAULTS)
-        pytest.skip(f"no CellProfiler at {where} (set BPCP_CELLPROFILER to a venv or executable)")
+    where = os.environ.get("BPCP_CELLPROFILER") or " or ".join(DEFAULTS)
+    require("CellProfiler", found, f"no CellProfiler at {where} (set BPCP_CELLPROFILER to a venv or executable)")
+    assert found is not None
     argv, version = found
     if version.startswith("4") and not os.environ.get("JAVA_HOME"):
         for home in JAVA_HOMES:
@@ -62,9 +131,9 @@ JOB_WELLS = [["A01", "A02"], ["A03"], ["A04"]]
 
 @pytest.fixture(scope="session")
 def cp_plate(tmp_path_factory):
-    from merge_support import Dataset
-
     from bpcp.example import PlateSpec, generate_plate
+
+    from merge_support import Dataset
 
     root = tmp_path_factory.mktemp("plate")
     generate_plate(root, PlateSpec(rows="A", columns=4, sites=2))
@@ -92,7 +161,7 @@ def images_run(cellprofiler_cmd, cp_plate, tmp_path_factory):
     pipeline = images_variant(cp_plate.plate_dir / "example_images.cppipe", root / "variant.cppipe")
     build_run(cellprofiler_cmd, cp_plate, root / "run", pipeline, "filelist", [["A01"], ["A02", "A03"], ["A04"]],
               group_by="Metadata_Well", reference=root / "ref",
-              plan_extra={"delimiter": "tab", "table_prefix": "MyExpt_"})
+              plan_extra={"delimiter": "\t", "prefix": "MyExpt_"})
     return root / "run", root / "ref"
 
 
@@ -123,9 +192,21 @@ def cp42_venv() -> str:
     """CellProfiler 4.2.8.1 (BPCP_CELLPROFILER_42 or /opt/cellprofiler/4.2.8.1), or a clean skip."""
     spec = os.environ.get("BPCP_CELLPROFILER_42", "/opt/cellprofiler/4.2.8.1")
     exe = _executable(spec)
-    if exe is None or not _version(exe).startswith("4.2"):
-        pytest.skip(f"no CellProfiler 4.2 at {spec} (set BPCP_CELLPROFILER_42)")
+    require("CellProfiler 4.2.8.1", exe is not None and _version(exe).startswith("4.2"),
+            f"no CellProfiler 4.2 at {spec} (set BPCP_CELLPROFILER_42; make test installs it when a Python 3.9 is found)")
+    assert exe is not None
     return str(exe.parent.parent)
+
+
+@pytest.fixture(scope="session")
+def cytotable_python() -> Path:
+    """The Python of a CytoTable environment (BPCP_CYTOTABLE_PYTHON; scripts/make-cytotable-env.sh
+    makes one from PyPI at pinned versions, outside the repository), or a skip (a failure under CI)."""
+    value = os.environ.get("BPCP_CYTOTABLE_PYTHON", "")
+    require("CytoTable", value and Path(value).is_file(),
+            f"BPCP_CYTOTABLE_PYTHON={value!r} is not a Python; make the environment and point at it: "
+            'export BPCP_CYTOTABLE_PYTHON="$(bash scripts/make-cytotable-env.sh | tail -n 1)"')
+    return Path(value)
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ import json
 import math
 import re
 import subprocess
+import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +37,7 @@ class Dataset:
     rows: list[dict[str, str]]
 
     @classmethod
-    def load(cls, plate_dir: Path) -> "Dataset":
+    def load(cls, plate_dir: Path) -> Dataset:
         with open(plate_dir / "load_data.csv", newline="") as fd:
             return cls(plate_dir, list(csv.DictReader(fd)))
 
@@ -128,20 +129,28 @@ def build_run(cmd: list[str], data: Dataset, run_dir: Path, pipeline: Path, kind
                          reference.parent / f"{reference.name}.log"))
     with ThreadPoolExecutor(2) as pool:
         list(pool.map(lambda t: run_cp(t[1], t[2], data.plate_dir), tasks))
-    for jid, _, log in tasks:
+    for jid, _, _log in tasks:
         if jid is not None:
             publish(run_dir, jid)
     if reference is not None:
         assert (reference / "done.txt").read_text().strip() == "Complete", (reference.parent / f"{reference.name}.log").read_text()[-3000:]
     plan_jobs.sort(key=lambda j: -len(j["image_numbers"]))
-    plan = {"format": 1, "bpcp_version": "0.1.0",
+    extra = dict(plan_extra or {})
+    prefix, delimiter = extra.pop("prefix", ""), extra.pop("delimiter", ",")
+    ext = ".txt" if delimiter == "\t" else ".csv"
+    plan = {"format": 2, "bpcp_version": "0.1.0",
             "dataset": {"kind": kind, "path": str(data.plate_dir), "sha256": ""},
             "pipeline": {"path": str(pipeline), "file": "pipeline.cppipe", "sha256": ""},
-            "cellprofiler": {"version": "", "command": cmd},
-            "group_by": ["Metadata_Plate", "Metadata_Well"], "numbering": "global" if ranges else "local",
-            "tables": list(TABLES), "table_prefix": "", "image_sets": len(data.rows),
-            "jobs": plan_jobs, **(plan_extra or {})}
+            "cellprofiler": {"version": ""},
+            "group_by": ["Metadata_Plate", "Metadata_Well"],
+            "bundle": {"asked": 0, "slots": 1, "sets_per_job": 0},
+            "numbering": "global" if ranges else "local",
+            "tables": list(TABLES), "table_files": {t: f"{prefix}{t}{ext}" for t in TABLES},
+            "delimiter": delimiter, "image_sets": len(data.rows),
+            "jobs": plan_jobs, **extra}
     (run_dir / "plan.json").write_text(json.dumps(plan, indent=2))
+    for folder in sorted((run_dir / "published").iterdir()):
+        write_manifest(folder, plan)
     return plan
 
 
@@ -163,8 +172,21 @@ def images_variant(source: Path, dest: Path) -> Path:
     return dest
 
 
+def write_manifest(folder: Path, plan: dict[str, Any] | None = None) -> None:
+    """bpcp-manifest.json as the job runner writes it (bpcp.jobs.runner.manifest), for the folder as
+    it is now: tests that alter a published table on purpose call it again, as if CellProfiler had
+    written the table that way."""
+    from bpcp.jobs import runner
+
+    if plan is None:
+        plan = json.loads((folder.parent.parent / "plan.json").read_text())
+    config = {"tables": plan["table_files"], "delimiter": plan["delimiter"]}
+    (folder / runner.MANIFEST).write_text(json.dumps(runner.manifest(config, str(folder), folder.name)) + "\n")
+
+
 def publish(run_dir: Path, jid: str) -> None:
-    """What the job wrapper does: rename out/ to published/<job>/ on Complete, else failed/."""
+    """What the job wrapper does: rename out/ to published/<job>/ on Complete, else failed/.
+    The manifest is written after the plan (build_run)."""
     work = run_dir / "work" / jid
     done = work / "done.txt"
     if done.is_file() and done.read_text().strip() == "Complete":
@@ -209,11 +231,39 @@ def same_value(ref: str, got: Any) -> bool:
 RUN_SPECIFIC = ("ExecutionTime_", "ImageSet_ImageSet")
 
 
+def jobs_by_image(run: Path) -> dict[int, str]:
+    """Global ImageNumber -> the id of the job that ran that image set (plan.json)."""
+    plan = json.loads((run / "plan.json").read_text())
+    return {number: job["id"] for job in plan["jobs"] for number in job["image_numbers"]}
+
+
+def saved_in_job(ref_value: str, ref_out: Path, job_dir: Path) -> str:
+    """A reference value naming the single process's output folder, as it must read in the merged
+    table: the same file in published/<job>/ (a file:// URL percent-encoded as CellProfiler writes
+    it, so a bundled job's '+' reads %2B there; a path as it is)."""
+    if ref_value.startswith("file:"):          # file:/path (4.2) or file:///path (5.x), percent-encoded
+        return ref_value.replace(urllib.parse.quote(str(ref_out)), urllib.parse.quote(str(job_dir)))
+    return ref_value.replace(str(ref_out), str(job_dir))
+
+
+def assert_saved_file_exists(col: str, value: str, row: dict[str, Any]) -> None:
+    """The file a merged PathName_/URL_ value names is there (with its FileName_ for a folder)."""
+    if value.startswith("file:"):
+        path = Path(urllib.parse.unquote(urllib.parse.urlparse(value).path))
+    else:
+        path = Path(value)
+        for prefix, file_prefix in (("PathName_", "FileName_"), ("ObjectsPathName_", "ObjectsFileName_")):
+            if col.startswith(prefix) and row.get(file_prefix + col[len(prefix):]):
+                path = path / row[file_prefix + col[len(prefix):]]
+    assert path.exists(), (col, value, f"{path} does not exist")
+
+
 def assert_table_equal(reference: Path, merged: Path, delim: str = ",", ignore: tuple[str, ...] = RUN_SPECIFIC,
                        ref_out: Path | None = None) -> int:
     """Merged parquet equals a single-process CellProfiler CSV row for row, value for value.
 
-    Values naming the reference's output folder (saved overlays) must name published/<job>/ instead.
+    Values naming the reference's output folder (saved overlays) must name, exactly, the same file
+    in published/<job>/ of the job that ran the row's image set, and that file must be there.
     """
     header, ref_rows = read_reference(reference, delim)
     table = pq.read_table(merged)
@@ -223,15 +273,24 @@ def assert_table_equal(reference: Path, merged: Path, delim: str = ",", ignore: 
     ref_rows.sort(key=lambda r: tuple(int(r[k]) for k in keys))
     assert [tuple(r[k] for k in keys) for r in got_rows] == \
         [tuple(int(r[k]) for k in keys) for r in ref_rows], "rows or their order differ"
+    run = merged.parent.parent
+    owner = jobs_by_image(run) if ref_out is not None and "ImageNumber" in header else {}
+    saved = 0
     for ref, got in zip(ref_rows, got_rows):
         for col in header:
             if col.startswith(ignore):
                 continue
-            if ref_out is not None and str(ref_out) in ref[col]:
-                assert "/published/" in got[col] and str(ref_out) not in got[col], (col, got[col])
+            if ref_out is not None and (str(ref_out) in ref[col] or ref_out.as_uri() in ref[col]):
+                job = owner[got["ImageNumber"]]
+                want = saved_in_job(ref[col], ref_out, run / "published" / job)
+                assert got[col] == want, (merged.name, col, "names another job or path", got[col], want)
+                assert_saved_file_exists(col, got[col], got)
+                saved += 1
                 continue
             assert same_value(ref[col], got[col]), (merged.name, col, ref[col], got[col], [got[k] for k in keys])
     for field in table.schema:
         if field.name.startswith("Metadata_"):
             assert str(field.type) == "string", field
+    if ref_out is not None and merged.stem == "Image" and got_rows:
+        assert saved, f"{reference}: no value names {ref_out}: the saved-image check compared nothing"
     return len(got_rows)

@@ -5,6 +5,7 @@ pipeline; no job runs.
 """
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -163,3 +164,116 @@ def test_a_run_folder_of_another_pipeline_is_not_reused(capsys, cp_venv, plate):
     code, err = plan(capsys, cp_venv, out, *args)
     assert_refused(code, err, "already holds a run whose pipeline changed")
     assert (out / "plan.json").read_text() == before
+
+
+# ---------------------------------------------------------------- preflight gaps, one line each
+
+def _rewrite(csv: Path, fn) -> None:
+    csv.write_text("".join(fn(i, line) + "\n" for i, line in enumerate(csv.read_text().splitlines())))
+
+
+def test_csv_with_a_pandas_index_column(capsys, cp_venv, plate):
+    csv = plate / "load_data.csv"
+    _rewrite(csv, lambda i, line: ("" if i == 0 else str(i - 1)) + "," + line)   # df.to_csv() with its index
+    code, err = plan(capsys, cp_venv, plate / "run", "-d", str(csv), "-p", str(plate / "example_loaddata.cppipe"))
+    assert_refused(code, err, "load_data.csv: column 1 of the header has no name (a pandas index column",
+                   "to_csv(index=False)", out=plate / "run")
+    assert len(err) == 1
+
+
+def test_csv_with_a_stray_empty_column_name(capsys, cp_venv, plate):
+    csv = plate / "load_data.csv"
+    _rewrite(csv, lambda i, line: line.replace(",", ",,", 1))
+    code, err = plan(capsys, cp_venv, plate / "run", "-d", str(csv), "-p", str(plate / "example_loaddata.cppipe"))
+    assert_refused(code, err, "load_data.csv: column 2 of the header has no name", out=plate / "run")
+    assert len(err) == 1
+
+
+@pytest.mark.parametrize("sep,name", [(";", "';'"), ("\t", "tabs")])
+def test_csv_separated_by_semicolons_or_tabs(capsys, cp_venv, plate, sep, name):
+    csv = plate / "load_data.csv"
+    _rewrite(csv, lambda i, line: line.replace(",", sep))
+    code, err = plan(capsys, cp_venv, plate / "run", "-d", str(csv), "-p", str(plate / "example_loaddata.cppipe"))
+    assert_refused(code, err, f"load_data.csv: its columns are separated by {name}, and LoadData reads only "
+                              "comma-separated CSVs", out=plate / "run")
+    assert len(err) == 1
+
+
+@pytest.mark.parametrize("content", [b"", b"\n\n  \n"])
+def test_empty_pipeline_file(capsys, cp_venv, plate, content):
+    empty = plate / "empty.cppipe"
+    empty.write_bytes(content)
+    code, err = plan(capsys, cp_venv, plate / "run", "-d", str(plate / "load_data.csv"), "-p", str(empty))
+    assert_refused(code, err, "empty.cppipe: empty file", "File > Export > Pipeline", out=plate / "run")
+    assert len(err) == 1
+
+
+def test_file_list_with_a_utf8_bom(capsys, cp_venv, plate, example_plate):
+    """Excel and Notepad start UTF-8 files with a BOM: it is not part of the first path."""
+    files = plate / "files.txt"
+    files.write_bytes(b"\xef\xbb\xbf" + (example_plate / "filelist.txt").read_bytes())
+    out = plate / "run"
+    code, err = plan(capsys, cp_venv, out, "-d", str(files), "-p", str(plate / "example_images.cppipe"))
+    assert code == 0, err
+    doc = json.loads((out / "plan.json").read_text())
+    assert doc["image_sets"] == 16
+    first = (out / sorted(j["input"] for j in doc["jobs"])[0]).read_bytes()
+    assert b"\xef\xbb\xbf" not in first and first.startswith(b"/")
+
+
+def test_group_values_that_differ_only_by_surrounding_spaces(capsys, cp_venv, plate):
+    csv = plate / "load_data.csv"
+    _rewrite(csv, lambda i, line: line.replace("Plate1,A01,", "Plate1,A01 ,", 1) if i == 1 else line)
+    code, err = plan(capsys, cp_venv, plate / "run", "-d", str(csv), "-p", str(plate / "example_loaddata.cppipe"))
+    assert_refused(code, err, "Metadata_Well values 'A01' and 'A01 ' differ only by surrounding spaces",
+                   out=plate / "run")
+    assert len(err) == 1
+
+
+def test_pipeline_grouping_by_a_key_the_dataset_lacks(capsys, cp_venv, plate):
+    pipeline = plate / "grouped.cppipe"
+    text = (plate / "example_loaddata.cppipe").read_text()
+    pipeline.write_text(text.replace("Group images by metadata?:No", "Group images by metadata?:Yes")
+                        .replace("Select metadata tags for grouping:\n", "Select metadata tags for grouping:Pos\n"))
+    code, err = plan(capsys, cp_venv, plate / "run", "-d", str(plate / "load_data.csv"), "-p", str(pipeline))
+    assert_refused(code, err, "load_data.csv: the pipeline groups by Metadata_Pos (LoadData module), which the "
+                              "dataset does not have", out=plate / "run")
+    assert len(err) == 1
+
+
+def test_loaddata_processing_a_range_of_rows(capsys, cp_venv, plate):
+    pipeline = plate / "rows.cppipe"
+    text = (plate / "example_loaddata.cppipe").read_text()
+    pipeline.write_text(text.replace("Process just a range of rows?:No", "Process just a range of rows?:Yes")
+                        .replace("Rows to process:1,100000", "Rows to process:3,10"))
+    code, err = plan(capsys, cp_venv, plate / "run", "-d", str(plate / "load_data.csv"), "-p", str(pipeline))
+    assert_refused(code, err, "LoadData processes only rows 3-10", "set it to No", out=plate / "run")
+    assert len(err) == 1
+
+
+def test_a_column_loaddata_would_type_otherwise_in_a_job(capsys, cp_venv, plate):
+    """Plate 'Plate1' for all wells but A01, whose plate is '0001': one run reads the column as text
+    ('0001'), a job of A01 alone as the integer 1."""
+    csv = plate / "load_data.csv"
+    _rewrite(csv, lambda i, line: line.replace("Plate1,A01,", "0001,A01,", 1))
+    code, err = plan(capsys, cp_venv, plate / "run", "-d", str(csv), "-p", str(plate / "example_loaddata.cppipe"),
+                     "--bundle", "0")
+    assert_refused(code, err, "reads column Metadata_Plate as text over the whole CSV but as integers in job "
+                              "0001_A01-", "(e.g. '0001')", out=plate / "run")
+    assert len(err) == 1
+
+
+def test_a_createbatchfiles_pipeline_is_refused_without_writing_a_batch_file(capsys, cp_venv, plate, example_plate):
+    """Reading the images with CellProfiler runs only its input modules: CreateBatchFiles' own
+    prepare_run would write Batch_data.h5 while bpcp is only checking."""
+    import subprocess
+
+    from test_e2e_local import MAKE_BATCH, cp_env
+
+    pipeline, batch_dir = plate / "with_batch.cppipe", plate / "batch"
+    subprocess.run([str(Path(cp_venv) / "bin" / "python"), "-c", MAKE_BATCH, str(plate / "example_images.cppipe"),
+                    str(pipeline), str(batch_dir)], check=True, capture_output=True, env=cp_env())
+    batch_dir.mkdir()
+    code, err = plan(capsys, cp_venv, plate / "run", "-d", str(example_plate / "images"), "-p", str(pipeline))
+    assert_refused(code, err, "with_batch.cppipe: the pipeline contains CreateBatchFiles", out=plate / "run")
+    assert len(err) == 1 and not list(batch_dir.iterdir())

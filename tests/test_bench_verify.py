@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from common import compare_runs  # noqa: E402
+from common import compare_runs
 
 SETS = [("P1", "A01", "1"), ("P1", "A01", "2"), ("P1", "A02", "1")]
 

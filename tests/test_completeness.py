@@ -1,6 +1,7 @@
 """completeness(): done / incomplete / failed / running / missing, from the run folder alone."""
 from __future__ import annotations
 
+import fcntl
 import json
 import shutil
 from pathlib import Path
@@ -8,20 +9,13 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from bpcp.completeness import completeness, summary, table_file
 from bpcp.errors import BpcpError
-from bpcp.merge import merge_run, run_merge, run_status
-
-
-def test_table_file_names():
-    assert table_file({}, "Image") == "Image.csv"
-    assert table_file({"table_prefix": "MyExpt_", "delimiter": "tab"}, "Nuclei") == "MyExpt_Nuclei.txt"
-    assert table_file({"table_prefix": "P_", "table_files": {"Image": "Per_Image.csv"}}, "Image") == "Per_Image.csv"
-    assert table_file({"table_prefix": "P_", "table_files": {"Image": "Per_Image.csv"}}, "Cells") == "P_Cells.csv"
+from bpcp.results.completeness import completeness, summary
+from bpcp.results.merge import merge_run, run_merge, run_status
 
 
 def test_no_plan_is_a_clear_error(tmp_path):
-    with pytest.raises(BpcpError, match="plan.json not found"):
+    with pytest.raises(BpcpError, match="no plan.json here"):
         completeness(tmp_path)
     assert run_status(tmp_path) == 2
 
@@ -61,8 +55,11 @@ def test_every_status_with_its_reason(loaddata_run, tmp_path, capsys):
                              "group_indexes": [9], "input": None, "group_arg": None})
     (run / "plan.json").write_text(json.dumps(plan))
     (run / "work" / "Plate1_B01-00000001").mkdir(parents=True, exist_ok=True)
+    running = open(run / "work" / "Plate1_B01-00000001" / "lock", "w")   # an attempt holds its lock
+    fcntl.flock(running, fcntl.LOCK_EX)
 
     report = completeness(run)
+    running.close()
     status = {j["id"]: j for j in report["jobs"]}
     assert report["complete"] is False
     assert status[big["id"]]["status"] == "incomplete"
@@ -82,14 +79,20 @@ def test_every_status_with_its_reason(loaddata_run, tmp_path, capsys):
     assert f"failed     {failed_job['id']}: CellProfiler wrote Failure" in text
     assert "Cells.csv" in text
 
-    # merge what is there: only the done job, with its global numbers; nothing deleted
-    before = sorted(p.relative_to(run) for p in (run / "published").rglob("*"))
+    # merge what is there: only the done job, with its global numbers; nothing deleted (the
+    # incomplete job is moved, whole, to damaged/ so that the next run reruns it)
+    def job_files() -> list[tuple[str, Path]]:
+        folders = [*(run / "published").iterdir(), *(p for p in (run / "damaged").glob("*") if p.is_dir())]
+        return sorted((f.name[:len(big["id"])] if f.name.startswith(big["id"]) else f.name, p.relative_to(f))
+                      for f in folders for p in f.rglob("*"))
+    before = job_files()
     assert run_merge(run) == 1
     out = capsys.readouterr().out
     assert "INCOMPLETE" in out and "Image.parquet" in out
     assert pq.read_table(run / "merged" / "Image.parquet").column("ImageNumber").to_pylist() == done_job["image_numbers"]
     assert json.loads((run / "merged" / "merge.json").read_text())["jobs_merged"] == [done_job["id"]]
-    assert sorted(p.relative_to(run) for p in (run / "published").rglob("*")) == before
+    assert job_files() == before
+    assert not (run / "published" / big["id"]).exists() and len(list((run / "damaged").glob(big["id"] + "-*/"))) == 1
 
 
 @pytest.mark.cellprofiler

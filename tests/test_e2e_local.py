@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -14,6 +15,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import require
+
 from merge_support import assert_table_equal
 
 pytestmark = [pytest.mark.cellprofiler, pytest.mark.slow]
@@ -71,9 +74,10 @@ def reference_loaddata(example_plate, cp_venv, tmp_path_factory) -> Path:
 
 def test_loaddata_run_equals_single_process(example_plate, cp_venv, reference_loaddata, tmp_path):
     run = tmp_path / "run"
-    # the default --bundle auto: about one job per slot (8 wells of 2 sites on 2 slots: 2 jobs of 4 wells)
+    # --bundle auto (the default without warm workers; here bundles run in warm workers): about one
+    # job per slot (8 wells of 2 sites on 2 slots: 2 jobs of 4 wells)
     proc = bpcp("run", "--cellprofiler", cp_venv, "-d", str(example_plate / "load_data.csv"),
-                "-p", str(example_plate / "example_loaddata.cppipe"), "-o", str(run), "--slots", "2")
+                "-p", str(example_plate / "example_loaddata.cppipe"), "-o", str(run), "--slots", "2", "--bundle", "auto")
     assert "COMPLETE: 2/2 jobs done, 8/8 groups, 16/16 image sets" in proc.stdout
     assert "bundled for 2 slots" in proc.stdout
     assert_merged_equals(reference_loaddata, run)
@@ -89,7 +93,7 @@ def test_loaddata_run_equals_single_process(example_plate, cp_venv, reference_lo
     assert "2 of 2 jobs already published, 0 to run" in again.stdout
     # nor does one for more slots: automatic bundling keeps the jobs already planned
     more = bpcp("run", "--cellprofiler", cp_venv, "-d", str(example_plate / "load_data.csv"),
-                "-p", str(example_plate / "example_loaddata.cppipe"), "-o", str(run), "--slots", "8")
+                "-p", str(example_plate / "example_loaddata.cppipe"), "-o", str(run), "--slots", "8", "--bundle", "auto")
     assert "same as the plan already there" in more.stdout
     assert "2 of 2 jobs already published, 0 to run" in more.stdout
 
@@ -105,14 +109,25 @@ def test_folder_run_equals_single_process(example_plate, cp_venv, tmp_path):
     assert_merged_equals(reference, run)
 
 
+def injected(token: str, *roots: Path) -> list[Path]:
+    """Files a marker payload made if a shell ever ran it: in any folder a job's shell or
+    CellProfiler could have had as its working folder (recursively under the test's own)."""
+    found = [p for root in roots for p in root.rglob(f"*{token}*") if p.name.startswith("bpcp-injected-")]
+    for folder in (ROOT, ROOT / "tests", Path.cwd(), Path.home(), Path("/tmp"), Path("/"), Path("/mnt/bpcp-ramdisk")):
+        found += list(folder.glob(f"bpcp-injected-{token}*"))
+    return found
+
+
 def test_file_list_with_odd_group_values(example_plate, cp_venv, tmp_path):
-    """Plate names with spaces, quotes, ';' and $(...) are data, never shell."""
+    """Plate names with spaces, quotes, ';' and $(...) are data, never shell. The payloads are
+    markers (touch a file named with a random token), looked for wherever a shell could make them."""
     images = tmp_path / "images"
     images.mkdir()
-    plates = {"Plate1": "P 1; rm -rf ~", "Plate2": "$(touch pwned)_x'y\""}
+    token = secrets.token_hex(6)
+    plates = {"Plate1": f"P 1; touch bpcp-injected-{token}-a", "Plate2": f"$(touch bpcp-injected-{token}-b)_x'y\""}
     lines = []
     for src in sorted((example_plate / "images").glob("Plate1_A0[12]_s1_*.png")):
-        for i, (old, new) in enumerate(plates.items()):
+        for _i, (_old, new) in enumerate(plates.items()):
             name = src.name.replace("Plate1", new)
             shutil.copy(src, images / name)
             lines.append(str(images / name))
@@ -123,16 +138,15 @@ def test_file_list_with_odd_group_values(example_plate, cp_venv, tmp_path):
     assert "COMPLETE: 4/4 jobs done" in proc.stdout
     image = pq.read_table(run / "merged" / "Image.parquet").to_pylist()
     assert sorted({r["Metadata_Plate"] for r in image}) == sorted(plates.values())
-    assert not (ROOT / "pwned").exists() and not (run / "pwned").exists() and not Path("pwned").exists()
+    assert injected(token, tmp_path) == []
     script = (run / "jobs.sh").read_text()
-    assert "rm -rf ~" not in script and "$(touch" not in script
+    assert token not in script and "$(touch" not in script
 
 
 @pytest.mark.parametrize("version", ["cp_venv", "cp42_venv"])
 def test_example_human_equals_single_process(version, request, tmp_path):
     example = SHARED / "data" / "ExampleHuman"
-    if not example.is_dir():
-        pytest.skip(f"{example} not present")
+    require("CellProfiler's ExampleHuman data", example.is_dir(), f"{example} not present (shared/ beside the repository)")
     venv = request.getfixturevalue(version)
     reference = single_process(venv, tmp_path / "ref", "-p", str(example / "ExampleHuman.cppipe"),
                                "-i", str(example / "images"))
@@ -148,10 +162,14 @@ def test_cellprofiler_42_run_equals_single_process(example_plate, cp42_venv, tmp
                                "--data-file", str(plate / "load_data.csv"))
     run = tmp_path / "run"
     bpcp("run", "--cellprofiler", cp42_venv, "-d", str(plate / "load_data.csv"),
-         "-p", str(plate / "example_loaddata.cppipe"), "-o", str(run), "--group-by", "Plate")
+         "-p", str(plate / "example_loaddata.cppipe"), "-o", str(run), "--bundle", "0")
     plan = json.loads((run / "plan.json").read_text())
     assert plan["cellprofiler"]["version"].startswith("4.2")
-    assert "JAVA_TOOL_OPTIONS" in (run / "jobs.sh").read_text()
+    assert len(plan["jobs"]) == 8, "one job per well: the merge must put 8 separate 4.2 processes together"
+    command = subprocess.run([sys.executable, str(run / "bpcp_runner.py"), "command", "--run-dir", str(run),
+                              plan["jobs"][0]["id"]], capture_output=True, text=True, check=True)
+    env = json.loads(command.stdout)["env"]
+    assert env["JAVA_TOOL_OPTIONS"] == "-XX:ActiveProcessorCount=1 -XX:+UseSerialGC" and env["OMP_NUM_THREADS"] == "1"
     assert_merged_equals(reference, run)
 
 
@@ -229,7 +247,8 @@ def test_kill_midway_then_rerun_finishes_each_group_exactly_once(cp_venv, tmp_pa
                                                                   example_plate):
     run = tmp_path / "run"
     args = ["run", "--cellprofiler", cp_venv, "-d", str(example_plate / "load_data.csv"),
-            "-p", str(example_plate / "example_loaddata.cppipe"), "-o", str(run), "--retries", "1", "--bundle", "0"]
+            "-p", str(example_plate / "example_loaddata.cppipe"), "-o", str(run), "--retries", "1", "--bundle", "0",
+            "--no-warm-workers"]     # a CellProfiler process per job, orphaned when parallel is killed
     first = subprocess.Popen(BPCP + args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              start_new_session=True)
     killed_parallel = killed_cp = None

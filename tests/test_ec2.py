@@ -7,10 +7,17 @@ import json
 
 import pytest
 import yaml
-from ec2_support import SpotRefusingProxy, write_config
+from botocore.exceptions import ClientError, NoCredentialsError
 
+from bpcp.aws import client as aws_client
+from bpcp.aws import s3
+from bpcp.aws.client import explain
+from bpcp.aws.launch_template import load_config, template_data, user_data
 from bpcp.cli import main
-from bpcp.launch_template import load_config, template_data, user_data
+from bpcp.errors import BpcpError
+
+from container_hosts import free_port
+from ec2_support import SpotRefusingProxy, write_config
 
 
 def bpcp(capsys, *argv: str) -> tuple[int, str, str]:
@@ -228,7 +235,7 @@ def test_cost_plans_and_counts_what_ran(aws, tmp_path, capsys):
 def test_used_cost_counts_from_launch_to_termination():
     import datetime as dt
 
-    from bpcp.ec2 import used_cost
+    from bpcp.aws.ec2 import used_cost
 
     t0 = dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.timezone.utc)
     used = [{"id": "i-1", "type": "c6i.large", "market": "on-demand", "launch_time": t0.isoformat(),
@@ -265,7 +272,7 @@ def test_no_credential_reaches_the_template_user_data_or_output(aws, tmp_path, c
 
 
 def test_network_profile_and_spot_price_rendering(tmp_path):
-    from bpcp.launch_template import market_options
+    from bpcp.aws.launch_template import market_options
 
     arn = "arn:aws:iam::123456789012:instance-profile/bpcp-worker"
     config = load_config(write_config(tmp_path / "ec2.yml", subnet_id="subnet-0123456789abcdef0",
@@ -300,3 +307,48 @@ def test_no_credentials_is_one_line(aws, tmp_path, capsys, monkeypatch):
     rc, _, err = bpcp(capsys, "ec2", "template", "-c", str(cfg))
     assert rc == 2 and err.count("\n") == 1
     assert "no AWS credentials found; set AWS_PROFILE" in err
+
+
+# ------------------------------------------------------------------ one client maker, one error translator
+def test_retries_are_set_in_one_place_and_a_refused_spot_request_is_tried_that_often(aws, spot_refused, tmp_path,
+                                                                                    capsys, monkeypatch):
+    monkeypatch.setitem(aws_client.MAX_ATTEMPTS, "ec2", 2)
+    cfg = write_config(tmp_path / "ec2.yml", on_demand_fallback=False)
+    rc, _, err = bpcp(capsys, "ec2", "launch", "-c", str(cfg), "-n", "1")
+    assert rc == 2 and "InsufficientInstanceCapacity" in err
+    assert spot_refused.refused == 2          # standard mode: the first try and one retry, then the line
+    for service in ("s3", "ec2"):
+        made = aws_client.client(service, "us-east-1")
+        assert made.meta.config.retries == {"mode": "standard", "total_max_attempts": aws_client.MAX_ATTEMPTS[service]}
+        assert made.meta.endpoint_url == spot_refused.url     # AWS_ENDPOINT_URL honoured by every client
+
+
+def test_an_unreachable_endpoint_is_one_line_for_ec2_and_s3(aws, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(aws_client.MAX_ATTEMPTS, "ec2", 1)
+    monkeypatch.setitem(aws_client.MAX_ATTEMPTS, "s3", 1)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    rc, _, err = bpcp(capsys, "ec2", "template", "-c", str(write_config(tmp_path / "ec2.yml")))
+    assert rc == 2 and err.count("\n") == 1, err
+    assert err.startswith("bpcp: error: launch template bpcp-test-run: cannot reach the EC2 endpoint") and \
+        "AWS_ENDPOINT_URL" in err
+    with pytest.raises(BpcpError) as raised:
+        s3.fetch_inputs("s3://bpcp-data/plate/load_data.csv", "p.cppipe", tmp_path)
+    [line] = raised.value.lines
+    assert line.startswith("s3://bpcp-data/plate/load_data.csv: cannot reach the S3 endpoint") and \
+        "AWS_ENDPOINT_URL" in line
+
+
+def test_one_translator_words_each_refusal_for_its_service():
+    def refused(code: str) -> ClientError:
+        return ClientError({"Error": {"Code": code, "Message": "no"}}, "RunInstances")
+
+    line = explain(refused("UnauthorizedOperation"), "launch 1 x c6i.large", "ec2:RunInstances").lines[0]
+    assert line == ("launch 1 x c6i.large: AWS refused: UnauthorizedOperation: no; the controller policy in "
+                    "docs/aws.md lists what bpcp needs (here ec2:RunInstances)")
+    for what, action, says in [("launch 1 x c6i.large", "ec2:RunInstances", "EC2 rejected the AWS credentials"),
+                               ("s3://bkt/x.csv", "s3:GetObject", "S3 rejected the AWS credentials")]:
+        assert says in explain(refused("AuthFailure" if action.startswith("ec2") else "InvalidAccessKeyId"),
+                               what, action).lines[0]
+    assert "set AWS_PROFILE (or run on a host with an instance role)" in \
+        explain(NoCredentialsError(), "describe instances", "ec2:DescribeInstances").lines[0]
+    assert "instance profile with S3 access" in explain(NoCredentialsError(), "s3://bkt/x", "s3:GetObject").lines[0]

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from ec2_support import write_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,11 +9,13 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from merge_support import assert_table_equal, read_reference
 
-from bpcp.merge import MergeError, cytotable_name, cytotable_sort_key, merge_run, run_merge
+from bpcp.results.merge import MergeError, cytotable_name, cytotable_sort_key, merge_run, run_merge
+
+from merge_support import assert_table_equal, read_reference, write_manifest
 
 pytestmark = pytest.mark.cellprofiler
 OBJECTS = ["Nuclei", "PH3", "Cells", "Cytoplasm"]
@@ -31,7 +33,8 @@ def plan_of(run: Path) -> dict:
 
 
 def rewrite_csv(path: Path, edit, delim: str = ",") -> None:
-    """Apply edit(header, rows) -> (header, rows) to a CellProfiler table in place."""
+    """Apply edit(header, rows) -> (header, rows) to a CellProfiler table in place, and write the
+    job's manifest again (as if CellProfiler had written the table so: it is not damage)."""
     with open(path, newline="") as fd:
         reader = csv.reader(fd, delimiter=delim)
         header = next(reader)
@@ -41,6 +44,7 @@ def rewrite_csv(path: Path, edit, delim: str = ",") -> None:
         writer = csv.writer(fd, delimiter=delim, lineterminator="\n")
         writer.writerow(header)
         writer.writerows(rows)
+    write_manifest(path.parent)
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +123,8 @@ def test_single_cell_joins_compartments_per_cell(merged_loaddata):
                    "Metadata_Cells_Parent_Nuclei", "Image_FileName_DNA", "Cytoplasm_AreaShape_Area",
                    "Cells_AreaShape_Area", "Nuclei_AreaShape_Area", "Nuclei_Intensity_MeanIntensity_DNA"):
         assert needed in cols, needed
-    assert not any(c.startswith("Image_") and not c.startswith("Image_FileName_") for c in cols)
+    # of the Image table: file names and (for pycytominer) its metadata; no image measurements
+    assert not any(c.startswith("Image_") and not c.startswith(("Image_FileName_", "Image_Metadata_")) for c in cols)
     cyto = pq.read_table(run / "merged" / "Cytoplasm.parquet")
     assert sc.num_rows == cyto.num_rows
     cells = {(r["ImageNumber"], r["ObjectNumber"]): r for r in pq.read_table(run / "merged" / "Cells.parquet").to_pylist()}
@@ -138,18 +143,10 @@ def test_single_cell_joins_compartments_per_cell(merged_loaddata):
     assert keys == sorted(keys)
 
 
-def _cytotable_python() -> Path | None:
-    value = os.environ.get("BPCP_CYTOTABLE_PYTHON")
-    return Path(value) if value and Path(value).is_file() else None
-
-
-@pytest.mark.skipif(_cytotable_python() is None,
-                    reason="set BPCP_CYTOTABLE_PYTHON to a Python with cytotable, duckdb==1.5.5 and the "
-                           "duckdb-extension-sqlite-scanner/-httpfs 1.5.5 wheels (CytoTable needs them offline)")
-def test_single_cell_equals_cytotable(merged_loaddata, tmp_path):
+def test_single_cell_equals_cytotable(cytotable_python, merged_loaddata, tmp_path):
     """CytoTable itself on the single-process CSVs gives the same table as our DuckDB join."""
-    run, ref, result = merged_loaddata
-    python = _cytotable_python()
+    _run, ref, result = merged_loaddata
+    python = cytotable_python
     source = tmp_path / "source"
     source.mkdir()
     for table in ("Image", "Cells", "Cytoplasm", "Nuclei"):
@@ -161,21 +158,32 @@ def test_single_cell_equals_cytotable(merged_loaddata, tmp_path):
         dest.mkdir(parents=True, exist_ok=True)
         shutil.copy(ext, dest)
     out = tmp_path / "cytotable.parquet"
-    code = ("import cytotable, sys; cytotable.convert(source_path=sys.argv[1], dest_path=sys.argv[2], "
-            "dest_datatype='parquet', preset='cellprofiler_csv')")
+    # the cellprofiler_csv preset's join, plus the image metadata its JUMP presets carry (and ours does)
+    code = ("import cytotable, sys; from cytotable.presets import config; "
+            "join = config['cellprofiler_csv']['CONFIG_JOINS']; old = \"COLUMNS('Image_FileName_.*'),\"; "
+            "assert old in join, join; join = join.replace(old, old + \" image.Metadata_Plate, image.Metadata_Well, "
+            "COLUMNS('Image_Metadata_.*'),\"); "
+            "cytotable.convert(source_path=sys.argv[1], dest_path=sys.argv[2], "
+            "dest_datatype='parquet', preset='cellprofiler_csv', joins=join)")
     env = {**os.environ, "HOME": str(home), "PATH": f"{python.parent}:{os.environ['PATH']}"}
     subprocess.run([str(python), "-c", code, str(source), str(out)], check=True, env=env, timeout=300,
                    cwd=tmp_path)  # parsl writes runinfo/ into the working folder
     theirs, ours = pq.read_table(out), pq.read_table(result.single_cell)
     assert theirs.column_names == ours.column_names
-    assert theirs.schema.types == ours.schema.types
+    # The image metadata stays text in bpcp (as CellProfiler's CSVs hold it: '002' is not 2); CytoTable's
+    # DuckDB read infers numbers where it can. Every other column has CytoTable's type.
+    meta = {c for c in ours.column_names if c in ("Metadata_Plate", "Metadata_Well") or c.startswith("Image_Metadata_")}
+    assert meta and all(pa.types.is_string(ours.schema.field(c).type) for c in meta)
+    assert [f.type for f in theirs.schema if f.name not in meta] == [f.type for f in ours.schema if f.name not in meta]
     key = lambda r: (r["Metadata_ImageNumber"], r["Metadata_ObjectNumber"])  # noqa: E731
     for a, b in zip(sorted(theirs.to_pylist(), key=key), ours.to_pylist()):
         for col, value in a.items():
             other = b[col]
             if col.startswith("Image_FileName_OrigOverlay"):
                 continue
-            if isinstance(value, float) and math.isnan(value):
+            if col in meta:
+                assert str(value) == other, col
+            elif isinstance(value, float) and math.isnan(value):
                 assert math.isnan(other), col
             else:
                 assert value == pytest.approx(other, rel=1e-12) if isinstance(value, float) else value == other, col
@@ -212,6 +220,7 @@ def test_local_outputs_declared_global_fail_uniqueness(loaddata_run, tmp_path):
         merge_run(run)
     assert not (run / "merged" / "Image.parquet").exists()
     assert not list((run / "merged").glob(".*.tmp"))
+    assert not list(run.glob(".merged-*")), "the half-built merge is removed"
     assert run_merge(run) == 2
 
 

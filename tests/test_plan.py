@@ -1,20 +1,37 @@
 """Planning is pure: image sets + options -> jobs. No CellProfiler needed here."""
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
 
-from bpcp.dataset import ImageSets, read_loaddata
+from bpcp import planfile
 from bpcp.errors import BpcpError
-from bpcp.plan import (
-    AUTO, PlanOptions, auto_bundle, bundling_is_safe, parse_bundle, group_rows, job_id, make_plan, parse_group_by, parse_only,
+from bpcp.inputs.dataset import ImageSets, read_loaddata
+from bpcp.jobs.plan import (
+    AUTO,
+    PlanOptions,
+    auto_bundle,
+    bundling_is_safe,
+    group_rows,
+    job_id,
+    job_keys,
+    make_plan,
+    parse_bundle,
+    parse_group_by,
+    parse_only,
     single_run_groups,
+    single_run_numbering,
 )
+from bpcp.planfile import CellProfilerInfo, Pipeline
 
 PIPELINE = {"modules": ["LoadData", "IdentifyPrimaryObjects", "ExportToSpreadsheet"], "grouping_keys": []}
+# what the probe says of CorrectIlluminationCalculate "All" (module 2)
+ILLUM = {"scope": "group", "module": "CorrectIlluminationCalculate", "number": 2,
+         "reason": "Return True if aggregation is performed within a group", "warnings": []}
 
 
 def image_sets(rows: list[dict[str, str]]) -> ImageSets:
@@ -31,12 +48,16 @@ def plate(plates=("P1",), wells=("A01", "A02", "B01"), sites=3) -> ImageSets:
 
 
 def plan(ims: ImageSets, pipeline: dict = PIPELINE, **options) -> dict:
-    return make_plan(ims, pipeline, PlanOptions(**options), cp_version="5.0.0", pipeline_doc={"file": "p.cppipe"},
-                     table_files={"Image": "Image.csv"}).doc
+    """The plan as plan.json holds it."""
+    planned = make_plan(ims, pipeline, PlanOptions(**options), cellprofiler=CellProfilerInfo("5.0.0"),
+                        pipeline_file=Pipeline("p.cppipe", "pipeline.cppipe", "sha"), table_files={"Image": "Image.csv"})
+    return json.loads(json.dumps(planfile.to_dict(planned.plan)))
 
 
 def test_parse_group_by_accepts_bare_and_prefixed_keys():
-    assert parse_group_by(None) == ("Metadata_Plate", "Metadata_Well")
+    # not given: the pipeline decides (job_keys), and Plate+Well when it neither groups nor aggregates
+    assert parse_group_by(None) is None
+    assert job_keys(parse_group_by(None), PIPELINE) == ("Metadata_Plate", "Metadata_Well")
     assert parse_group_by("Plate, Metadata_Well") == ("Metadata_Plate", "Metadata_Well")
     assert parse_group_by("none") == ()
 
@@ -75,13 +96,81 @@ def test_bundling_packs_small_groups_without_splitting_any():
 
 
 def test_bundling_refused_when_pipeline_aggregates_across_image_sets():
-    pipeline = {"modules": ["LoadData", "CorrectIlluminationCalculate"], "grouping_keys": []}
+    pipeline = {"modules": ["LoadData", "CorrectIlluminationCalculate"], "grouping_keys": [], "aggregation": [ILLUM]}
     with pytest.raises(BpcpError, match="CorrectIlluminationCalculate"):
-        plan(plate(), pipeline, bundle=6)
+        plan(plate(), pipeline, bundle=6, group_by=("Metadata_Plate", "Metadata_Well"))
     grouped = {"modules": ["LoadData", "CorrectIlluminationCalculate"],
-               "grouping_keys": ["Metadata_Plate", "Metadata_Well"]}
+               "grouping_keys": ["Metadata_Plate", "Metadata_Well"], "aggregation": [ILLUM]}
     assert bundling_is_safe(grouped, ("Metadata_Plate", "Metadata_Well"))
     assert len(plan(plate(), grouped, bundle=6)["jobs"]) == 2
+
+
+def test_an_aggregating_pipeline_without_groups_is_one_job_and_a_cutting_group_by_is_refused():
+    """CorrectIlluminationCalculate "All" over an ungrouped pipeline: one illumination function over
+    every image set of the run, so the whole run is one job; --group-by that would cut it is refused."""
+    pipeline = {"modules": ["LoadData", "CorrectIlluminationCalculate"], "grouping_keys": [], "aggregation": [ILLUM]}
+    doc = plan(plate(), pipeline, bundle=AUTO, slots=4)
+    assert len(doc["jobs"]) == 1 and doc["group_by"] == [] and len(doc["jobs"][0]["image_numbers"]) == 9
+    assert any(w.startswith("one job over all 9 image sets: CorrectIlluminationCalculate (module 2)")
+               for w in doc["warnings"])
+    for asked in (("Metadata_Plate", "Metadata_Well"), ("Metadata_Well",)):
+        with pytest.raises(BpcpError) as err:
+            plan(plate(), pipeline, group_by=asked)
+        assert len(err.value.lines) == 1
+        line = err.value.lines[0]
+        assert line.startswith(f"--group-by {','.join(asked)}: would split what CorrectIlluminationCalculate (module 2)")
+        assert "every image set of the run" in line and "leave --group-by out" in line
+    # one group over everything is no cut
+    assert len(plan(plate(), pipeline, group_by=("Metadata_Plate",))["jobs"]) == 1
+
+
+def test_the_pipelines_groups_are_the_default_and_only_coarser_group_by_is_allowed():
+    grouped = {"modules": ["Groups", "CorrectIlluminationCalculate"], "grouping_keys": ["Metadata_Plate"],
+               "grouping_module": "Groups", "aggregation": [ILLUM]}
+    ims = plate(plates=("P2", "P1"), wells=("A01", "A02"), sites=2)
+    doc = plan(ims, grouped, bundle=0)
+    assert doc["group_by"] == ["Metadata_Plate"] and len(doc["jobs"]) == 2
+    assert sorted(j["groups"][0]["Metadata_Plate"] for j in doc["jobs"]) == ["P1", "P2"]
+    assert len(plan(ims, grouped, group_by=())["jobs"]) == 1                       # coarser: fine
+    assert len(plan(ims, grouped, group_by=("Metadata_Plate",))["jobs"]) == 2     # the same: fine
+    with pytest.raises(BpcpError) as err:
+        plan(ims, grouped, group_by=("Metadata_Plate", "Metadata_Well"))
+    line, = err.value.lines
+    assert line.startswith("--group-by Metadata_Plate,Metadata_Well: would split the pipeline's groups (it groups "
+                           "by Metadata_Plate in its Groups module, and CorrectIlluminationCalculate (module 2) "
+                           "aggregates over each group): the group Metadata_Plate=P2 would run in more than one job"), line
+    assert "pass --group-by Metadata_Plate" in line
+    # finer keys that happen to name the same groups (each well name in one plate only) are no cut
+    same = image_sets([{"Metadata_Plate": p, "Metadata_Well": f"{p}-{w}"} for p in ("P1", "P2") for w in "AB"])
+    by_well = {**grouped, "grouping_keys": ["Metadata_Well"]}
+    assert len(plan(same, by_well, group_by=("Metadata_Plate", "Metadata_Well"), bundle=0)["jobs"]) == 4
+
+
+def test_bundles_keep_whole_pipeline_groups_and_cellprofilers_order():
+    grouped = {"modules": ["LoadData", "TrackObjects"], "grouping_keys": ["Metadata_Well"],
+               "grouping_module": "LoadData", "aggregation": [dict(ILLUM, module="TrackObjects")]}
+    ims = plate(wells=("B01", "A02", "A01", "B02"), sites=3)
+    doc = plan(ims, grouped, bundle=AUTO, slots=2)
+    assert len(doc["jobs"]) == 2
+    for job in doc["jobs"]:
+        assert len(job["image_numbers"]) == 3 * len(job["groups"])
+        assert job["image_numbers"] == sorted(job["image_numbers"])     # the job's own run numbers them so
+    numbers = sorted(n for j in doc["jobs"] for n in j["image_numbers"])
+    assert numbers == list(range(1, 13))
+
+
+def test_run_wide_values_split_over_jobs_are_a_warning_with_cellprofilers_words():
+    said = ("Experiment-wide values for mean threshold, etc calculated by MeasureImageQuality may be incorrect "
+            "if the run is split into subsets of images.")
+    quality = {"modules": ["LoadData", "MeasureImageQuality"], "grouping_keys": [],
+               "aggregation": [{"scope": "run", "module": "MeasureImageQuality", "number": 3,
+                                "reason": "Calculate the experiment statistics at the end of a run", "warnings": [said]}]}
+    doc = plan(plate(), quality, bundle=0)
+    assert len(doc["jobs"]) == 3
+    warning, = doc["warnings"]
+    assert warning.startswith("MeasureImageQuality (module 3) computes values over all image sets of a run")
+    assert said in warning and "--group-by none" in warning
+    assert plan(plate(), quality, group_by=())["warnings"] == []
 
 
 def test_auto_bundling_makes_about_one_job_per_slot_and_caps_job_size():
@@ -97,10 +186,15 @@ def test_auto_bundling_makes_about_one_job_per_slot_and_caps_job_size():
     assert {len(j["groups"]) for j in big["jobs"]} == {1}
 
 
-def test_auto_bundling_steps_aside_for_aggregating_pipelines():
-    pipeline = {"modules": ["LoadData", "CorrectIlluminationCalculate"], "grouping_keys": []}
-    doc = plan(plate(), pipeline, bundle=AUTO, slots=1)
-    assert len(doc["jobs"]) == 3 and "aggregates across image sets" in doc["bundle"]["why_not"]
+def test_auto_bundling_steps_aside_when_cellprofiler_would_not_keep_groups_apart():
+    # the pipeline groups by Well and aggregates; jobs by Plate+Well name the same groups here, but
+    # CellProfiler keeps apart only the groups it makes itself: bundled, they would be mixed
+    pipeline = {"modules": ["LoadData", "CorrectIlluminationCalculate"], "grouping_keys": ["Metadata_Well"],
+                "grouping_module": "LoadData", "aggregation": [ILLUM]}
+    doc = plan(plate(), pipeline, bundle=AUTO, slots=1, group_by=("Metadata_Plate", "Metadata_Well"))
+    assert len(doc["jobs"]) == 3 and "CorrectIlluminationCalculate (module 2) aggregates" in doc["bundle"]["why_not"]
+    with pytest.raises(BpcpError, match="--bundle: CorrectIlluminationCalculate"):
+        plan(plate(), pipeline, bundle=6, group_by=("Metadata_Plate", "Metadata_Well"))
 
 
 def test_parse_bundle():
@@ -122,6 +216,55 @@ def test_group_numbers_follow_cellprofilers_sorted_groups():
     numbers, indexes = single_run_groups(ims, ["Metadata_Well"])
     assert numbers == [2, 1, 2, 1] and indexes == [1, 1, 2, 2]
     assert single_run_groups(ims, []) == ([1, 1, 1, 1], [1, 2, 3, 4])
+    # and renumbers the image sets group by group
+    assert single_run_numbering(ims, ["Metadata_Well"])[0] == [3, 1, 4, 2]
+
+
+def test_loaddata_groups_sort_by_the_str_of_typed_values():
+    """LoadData reads '002' in a column of integers as 2: positions 002, 076, 218 run as 2, 218, 76."""
+    rows = [{"Metadata_Pos": p} for p in ("218", "002", "076", "002", "218", "010")]
+    numbers, groups, indexes = single_run_numbering(image_sets(rows), ["Metadata_Pos"])
+    assert groups == [3, 2, 4, 2, 3, 1] and indexes == [1, 1, 1, 2, 2, 1]
+    assert numbers == [4, 2, 6, 3, 5, 1]
+    # a column that is not all integers stays text: '002' < '010' < '076' < '218' < 'x'
+    mixed = [*rows, {"Metadata_Pos": "x"}]
+    assert single_run_numbering(image_sets(mixed), ["Metadata_Pos"])[1] == [4, 1, 3, 1, 4, 2, 5]
+    # CellProfiler's own numbering, when the dataset was read with it, wins
+    ims = image_sets(rows)
+    ims.cp_groups = pa.table({"ImageNumber": [6, 5, 4, 3, 2, 1], "Group_Number": [1] * 6, "Group_Index": [6, 5, 4, 3, 2, 1]})
+    assert single_run_numbering(ims, ["Metadata_Pos"]) == ([6, 5, 4, 3, 2, 1], [1] * 6, [6, 5, 4, 3, 2, 1])
+
+
+def test_jobs_list_image_sets_in_cellprofilers_order_with_its_numbers():
+    rows = [{"Metadata_Plate": "P1", "Metadata_Pos": p} for p in ("218", "002", "076", "002", "218", "010")]
+    grouped = {"modules": ["LoadData"], "grouping_keys": ["Metadata_Pos"], "grouping_module": "LoadData"}
+    for bundle in (0, AUTO):
+        doc = plan(image_sets(rows), grouped, bundle=bundle, slots=2)
+        by_pos = {}
+        for job in doc["jobs"]:
+            assert job["image_numbers"] == sorted(job["image_numbers"])
+            for group in job["groups"]:
+                by_pos[group["Metadata_Pos"]] = job
+        assert sorted(n for j in doc["jobs"] for n in j["image_numbers"]) == list(range(1, 7))
+        numbered = {(g, i): n for j in doc["jobs"] for n, g, i in zip(j["image_numbers"], j["group_numbers"], j["group_indexes"])}
+        assert numbered == {(1, 1): 1, (2, 1): 2, (2, 2): 3, (3, 1): 4, (3, 2): 5, (4, 1): 6}
+        assert by_pos["010"]["image_numbers"][by_pos["010"]["group_numbers"].index(1)] == 1
+
+
+def test_a_job_loaddata_would_type_otherwise_than_the_whole_csv_is_refused():
+    rows = [{"Metadata_Plate": p, "Metadata_Well": "A01"} for p in ("0001", "0002", "P3")]
+    with pytest.raises(BpcpError) as err:
+        plan(image_sets(rows), bundle=0)
+    line, = err.value.lines
+    assert "reads column Metadata_Plate as text over the whole CSV but as integers in job 0001_A01-" in line
+    assert "'0001'" in line
+    decimals = [{"Metadata_Plate": "P1", "Metadata_Well": w, "Metadata_Dose": d} for w, d in (("A01", "1"), ("A02", "2.5"))]
+    with pytest.raises(BpcpError, match="Metadata_Dose as decimals over the whole CSV but as integers"):
+        plan(image_sets(decimals), bundle=0)
+    assert len(plan(image_sets(decimals), group_by=())["jobs"]) == 1     # one job reads what one run reads
+    # well columns are text to LoadData whatever they hold; all-integer columns stay integers in every job
+    assert len(plan(image_sets([{"Metadata_Plate": "P", "Metadata_Well": w, "Metadata_Column": c, "Metadata_Site": s}
+                                for w, c, s in (("A01", "01", "1"), ("A02", "x", "2"))]), bundle=0)["jobs"]) == 2
 
 
 @pytest.mark.parametrize("value", ["P1; rm -rf ~", "$(reboot)", "../../etc", "a/b", "`x`", "quote'\"", " "])
@@ -166,6 +309,6 @@ def test_planning_a_large_loaddata_csv(tmp_path):
     ("s001", "S1", True), ("100", "10", False), ("0", "00", True),
 ])
 def test_case_and_padding_normalisation(a, b, same):
-    from bpcp.preflight import normalise
+    from bpcp.inputs.preflight import normalise
 
     assert (normalise(a) == normalise(b)) is same

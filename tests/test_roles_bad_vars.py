@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import require
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -22,8 +23,7 @@ def ansible_playbook():
     if here.exists():
         return str(here)
     found = shutil.which("ansible-playbook")
-    if not found:
-        pytest.skip("ansible-playbook is not installed")
+    require("ansible-playbook", found, "ansible-playbook is not installed (make setup)")
     return found
 
 

@@ -2,14 +2,12 @@
 from __future__ import annotations
 
 import json
-import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
-from bpcp.plan import auto_bundle
 
 pytestmark = [pytest.mark.cellprofiler, pytest.mark.slow]
 
@@ -28,14 +26,28 @@ def test_run_yml_on_localhost_ends_complete(example_plate, tmp_path, cp_venv):
                    "-e", f"pipeline={example_plate / 'example_loaddata.cppipe'}", "-e", f"output={tmp_path / 'run'}",
                    "-e", f"cellprofiler_version={version}")
     assert proc.returncode == 0, proc.stdout[-4000:]
-    # --bundle auto: about one job per slot of this machine (its cores), never fewer jobs than that
-    wells_per_job = max(1, auto_bundle(16, os.cpu_count() or 1) // 2)
+    # bpcp's own default, which run.yml leaves alone: with warm workers one group (well) per job
     jobs = len(json.loads((tmp_path / "run" / "plan.json").read_text())["jobs"])
-    assert jobs == -(-8 // wells_per_job), jobs
+    assert jobs == 8, jobs
+    assert "one group per job" in proc.stdout, proc.stdout[-4000:]
     assert f"COMPLETE: {jobs}/{jobs} jobs done, 8/8 groups, 16/16 image sets" in proc.stdout
     assert f"merged tables in {tmp_path / 'run'}/merged" in proc.stdout
+    assert f"the run's report (Gantt chart, job times, failures) in {tmp_path / 'run'}/report.html" in proc.stdout
+    assert (tmp_path / "run" / "report.html").is_file()
+    # while the jobs ran: their progress in image sets, printed as it came (at the start of a line:
+    # not the log's tail shown at the end), no "FAILED - RETRYING" and no skipped tasks
+    live = re.findall(r"^bpcp: .*?(\d+)/16 image sets done, (\d+) failed", proc.stdout, re.M)
+    assert live and live[-1] == ("16", "0"), proc.stdout[-4000:]
+    assert "FAILED - RETRYING" not in proc.stdout and "skipping" not in proc.stdout, proc.stdout[-4000:]
     assert json.loads((tmp_path / "run" / "report.json").read_text())["complete"]
     assert (tmp_path / "run" / "merged" / "Nuclei.parquet").exists()
+    # ... and what it merged is what one plain CellProfiler process over the plate gives, value for
+    # value, saved overlays named in their own job's published/ folder
+    from test_e2e_local import assert_merged_equals, single_process
+
+    reference = single_process(cp_venv, tmp_path / "ref", "-p", str(example_plate / "example_loaddata.cppipe"),
+                               "--data-file", str(example_plate / "load_data.csv"))
+    assert_merged_equals(reference, tmp_path / "run")
     # the same command again resumes: nothing left to do
     again = run_yml("-e", f"dataset={example_plate / 'load_data.csv'}",
                     "-e", f"pipeline={example_plate / 'example_loaddata.cppipe'}", "-e", f"output={tmp_path / 'run'}",

@@ -7,7 +7,6 @@ CellProfiler and GNU parallel. Requests are counted from moto's own request log.
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -18,8 +17,13 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from bpcp import s3
+from bpcp import planfile
+from bpcp.aws import s3
+from bpcp.aws.client import explain
 from bpcp.errors import BpcpError
+from bpcp.jobs import runner
+
+from plans import make_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 BPCP = [sys.executable, "-m", "bpcp.cli"]
@@ -91,48 +95,49 @@ def test_fetch_lists_hold_exactly_each_jobs_s3_objects_once():
         assert "cannot be copied to a local folder" in s3.fetch_problems("d.csv", [(4, bad)])[0]
 
 
-def test_annotate_records_sources_and_fetch_lists_and_refuses_s3_outside_loaddata():
-    from bpcp.dataset import ImageSets
-    from bpcp.plan import Plan
+def test_origin_records_sources_and_fetch_lists_and_refuses_s3_outside_loaddata():
+    from bpcp.inputs.dataset import ImageSets
+    from bpcp.jobs.plan import Planned
+    from bpcp.jobs.write import input_texts
 
     channels = {"DNA": pa.array(["s3://bk1/i/a.png", "/local/b.png"])}
     table = pa.table({"Metadata_Well": ["A01", "A02"]})
-    plan = Plan({"dataset": {"path": "/tmp/x/dataset.csv"}, "pipeline": {"path": "/tmp/x/p.cppipe"},
-                 "jobs": [{"id": "j1"}, {"id": "j2"}]}, [[0], [1]])
+    planned = Planned(make_plan(jobs=[("j1", 1), ("j2", 1)]), [[0], [1]])
+    plan, texts = input_texts(planned, ImageSets("loaddata", Path("/tmp/x/dataset.csv"), table, channels, "c"))
     remote = s3.RemoteInputs(Path("/tmp/x/dataset.csv"), Path("/tmp/x/p.cppipe"), "s3://bk1/d/load_data.csv",
                              "s3://bk1/p.cppipe")
-    s3.annotate(plan, ImageSets("loaddata", Path("/tmp/x/dataset.csv"), table, channels, "c"), remote,
-                s3.parse_path_maps(["/mnt/bk1=s3://bk1"]))
-    assert plan.doc["dataset"] == {"path": "s3://bk1/d/load_data.csv", "copy": "dataset.csv",
-                                   "path_map": ["/mnt/bk1=s3://bk1"]}
-    assert plan.doc["pipeline"]["path"] == "s3://bk1/p.cppipe"
-    assert plan.doc["jobs"] == [{"id": "j1", "fetch": "inputs/j1.fetch"}, {"id": "j2"}]
+    plan = s3.origin(plan, remote, s3.parse_path_maps(["/mnt/bk1=s3://bk1"]))
+    assert (plan.dataset.path, plan.dataset.copy, plan.dataset.path_map) == (
+        "s3://bk1/d/load_data.csv", "dataset.csv", ("/mnt/bk1=s3://bk1",))
+    assert plan.pipeline.path == "s3://bk1/p.cppipe"
+    assert [(j.fetch, bool(j.fetch_sha256)) for j in plan.jobs] == [("inputs/j1.fetch", True), (None, False)]
+    assert texts["inputs/j1.fetch"] == "s3://bk1/i/a.png\n"
     assert remote.dataset_base == "s3://bk1/d"
     renamed = remote.rename(BpcpError("/tmp/x/dataset.csv: group key Metadata_Row not found"))
     assert renamed.lines == ["s3://bk1/d/load_data.csv: group key Metadata_Row not found"]
     with pytest.raises(BpcpError, match="s3:// images work in LoadData CSVs only"):
-        s3.annotate(plan, ImageSets("filelist", Path("/x/files.txt"), table, channels, "c"), None, ())
+        input_texts(planned, ImageSets("filelist", Path("/x/files.txt"), table, channels, "c"))
 
 
-def _plan(fetch: bool = True) -> dict:
-    return {"cellprofiler": {"version": "5.0.0"}, "table_files": {"Image": "Image.csv"}, "delimiter": ",",
-            "numbering": "local", "dataset": {"kind": "loaddata"}, "pipeline": {"file": "pipeline.cppipe"},
-            "jobs": [{"id": "j1", "fetch": "inputs/j1.fetch" if fetch else None}]}
+def _plan(fetch: bool = True):
+    plan = make_plan(jobs=[("j1", 1)])
+    return plan.replace(jobs=tuple(j.replace(fetch="inputs/j1.fetch" if fetch else None) for j in plan.jobs))
 
 
 def test_job_script_downloads_only_for_plans_with_fetch_lists(tmp_path):
-    from bpcp.render import RunSettings, render_script
+    from bpcp.inputs.cellprofiler import CellProfiler
+    from bpcp.jobs.render import RunSettings, render_script, runner_config
 
-    plain = render_script(_plan(fetch=False), tmp_path, RunSettings(), ["cellprofiler"])
-    assert "bpcp_fetch" not in plain and "BPCP_S3" not in plain
-    text = render_script(_plan(), tmp_path, RunSettings(s3_output="s3://bkt/runs/1/"), ["cellprofiler"])
-    assert 'BPCP_S3_PYTHON=${BPCP_S3_PYTHON:-/opt/awscli/bin/python3}' in text
-    assert "BPCP_S3_OUTPUT=s3://bkt/runs/1\n" in text and "bpcp_upload" in text
-    assert 'fetch_list="$here/inputs/$id.fetch"' in text
-    multi = render_script(_plan(), tmp_path, RunSettings(), ["cellprofiler"], multihost=True)
-    assert 'fetch_list="$here/stage/$id/fetch.txt"' in multi and "--env bpcp_fetch --env BPCP_S3_PYTHON" in multi
-    for script in (text, multi):
-        assert "AWS_SECRET" not in script and "AWS_ACCESS_KEY" not in script and "AWS_SESSION" not in script
+    cp = CellProfiler(Path("/opt/cellprofiler/5.0/bin/cellprofiler"), Path("/opt/cellprofiler/5.0/bin/python"))
+    plain = render_script(_plan(fetch=False), tmp_path, RunSettings(), multihost=True)
+    assert "AWS_ENDPOINT_URL" not in plain
+    multi = render_script(_plan(), tmp_path, RunSettings(), multihost=True)
+    assert "for name in AWS_ENDPOINT_URL AWS_REGION AWS_DEFAULT_REGION" in multi   # where S3 is, to the workers
+    config = runner_config(_plan(), tmp_path, RunSettings(s3_output="s3://bkt/runs/1/"), cp, False)
+    assert config["s3_python"] == "/opt/awscli/bin/python3"
+    assert "s3_output" not in config     # the runner uploads nothing: the controller's uploader does
+    for text in (plain, multi, json.dumps(config)):
+        assert "AWS_SECRET" not in text and "AWS_ACCESS_KEY" not in text and "AWS_SESSION" not in text
     with pytest.raises(BpcpError, match="--s3-output"):
         RunSettings(s3_output="s3:/bkt").validate()
     with pytest.raises(BpcpError, match="--s3-python"):
@@ -141,23 +146,16 @@ def test_job_script_downloads_only_for_plans_with_fetch_lists(tmp_path):
 
 # ---------------------------------------------------------------- moto-only
 
-def moto_log(endpoint) -> Path:
-    """moto_server's request log (its stdout): one line per HTTP request."""
-    return Path(os.readlink(f"/proc/{endpoint.process.pid}/fd/1"))
-
-
 class Requests:
-    """HTTP requests moto saw from now on."""
+    """HTTP requests moto saw from now on (read from its request log up to a marker request, so
+    none answered before the read is missed; aws_endpoint.AwsEndpoint.requests_since)."""
 
     def __init__(self, endpoint):
-        self.log = moto_log(endpoint)
-        self.start = self.log.stat().st_size
+        self.endpoint = endpoint
+        self.start = endpoint.log_size()
 
     def lines(self) -> list[str]:
-        time.sleep(0.2)
-        with open(self.log, "rb") as fd:
-            fd.seek(self.start)
-            return [line.decode(errors="replace") for line in fd.read().splitlines() if b'HTTP/1.1"' in line]
+        return self.endpoint.requests_since(self.start)
 
     def gets(self, bucket: str) -> list[str]:
         """Keys of objects downloaded (GET without a query string) from bucket."""
@@ -233,24 +231,13 @@ def test_access_denied_says_which_permission(aws):
     from botocore.exceptions import ClientError
 
     exc = ClientError({"Error": {"Code": "AccessDenied", "Message": "Access Denied"}}, "GetObject")
-    line = s3.explain(exc, "s3://bkt/x.csv").lines[0]
+    line = explain(exc, "s3://bkt/x.csv", "s3:GetObject").lines[0]
     assert "access denied" in line and "s3:GetObject and s3:ListBucket" in line and "instance profile" in line
-    assert "s3:PutObject" in s3.explain(exc, "s3://bkt/out", "write").lines[0]
-
-
-def fetcher(tmp_path: Path) -> Path:
-    """bpcp_fetch, as rendered into jobs.sh, in a file bash can source."""
-    from bpcp.render import RunSettings, render_script
-
-    text = render_script(_plan(), tmp_path, RunSettings(), ["cellprofiler"])
-    function = re.search(r"^bpcp_fetch\(\) \{\n.*?^\}\n", text, re.S | re.M).group(0)
-    path = tmp_path / "fetch.sh"
-    path.write_text(function)
-    return path
+    assert "s3:PutObject" in explain(exc, "s3://bkt/out", "s3:PutObject").lines[0]
 
 
 def test_fetcher_downloads_exactly_its_list_and_points_the_csv_at_the_copies(aws, example_plate, tmp_path):
-    from bpcp.render import RunSettings
+    from bpcp.jobs.render import RunSettings
 
     client = aws.client("s3")
     upload_plate(client, example_plate)
@@ -261,12 +248,11 @@ def test_fetcher_downloads_exactly_its_list_and_points_the_csv_at_the_copies(aws
         f"A01,{names[0]},s3://{DATA}/plate/images,{names[1]},s3://{DATA}/plate/images\n"
         f'"A,02",{names[2]},s3://{DATA}/plate/images,local.png,/data/local\n')
     dest = tmp_path / "tmp" / "bpcp-s3"
-    script = fetcher(tmp_path)
 
     def fetch(listing: str, out: str, python: str = RunSettings().s3_python):
-        return subprocess.run(["bash", "-c", f"source {script}; bpcp_fetch \"$@\"", "bash", str(tmp_path / listing),
-                               str(tmp_path / "job.csv"), str(dest), str(tmp_path / out), str(tmp_path / f"{out}.json")],
-                              capture_output=True, text=True, env={**os.environ, "BPCP_S3_PYTHON": python})
+        """The job runner's download step, under the workers' S3 Python, as a job runs it."""
+        return subprocess.run([python, runner.__file__, "fetch", str(tmp_path / listing), str(tmp_path / "job.csv"),
+                               str(dest), str(tmp_path / out)], capture_output=True, text=True)
 
     seen = Requests(aws)
     proc = fetch("job.fetch", "out.csv")
@@ -277,28 +263,34 @@ def test_fetcher_downloads_exactly_its_list_and_points_the_csv_at_the_copies(aws
     lines = (tmp_path / "out.csv").read_text().splitlines()
     assert lines[1] == f"A01,{names[0]},{dest}/{DATA}/plate/images,{names[1]},{dest}/{DATA}/plate/images"
     assert lines[2] == f'"A,02",{names[2]},{dest}/{DATA}/plate/images,local.png,/data/local'
-    summary = json.loads((tmp_path / "out.csv.json").read_text())
+    summary = json.loads(proc.stdout)
     assert summary["files"] == 3 and summary["bytes"] == sum((example_plate / "images" / n).stat().st_size
                                                              for n in names)
     # a missing object fails the job with one line naming it; no Python with botocore likewise
     (tmp_path / "bad.fetch").write_text(f"s3://{DATA}/plate/images/missing.png\n")
     proc = fetch("bad.fetch", "out2.csv")
     assert proc.returncode != 0 and "plate/images/missing.png: NoSuchKey" in proc.stdout + proc.stderr
-    proc = fetch("job.fetch", "out3.csv", python="/nonexistent/python3")
-    assert proc.returncode != 0 and "no /nonexistent/python3 on" in proc.stdout
-    bare = tmp_path / "bare-python"          # a Python without site-packages: no botocore
-    bare.write_text(f"#!/bin/sh\nexec {sys.executable} -S -I \"$@\"\n")
-    bare.chmod(0o755)
-    proc = fetch("job.fetch", "out4.csv", python=str(bare))
-    assert proc.returncode != 0 and "no botocore for" in proc.stdout + proc.stderr
-    assert "(role awscli), or pass --s3-python" in proc.stdout + proc.stderr
+    # the runner's own Python has no botocore: it hands the download to the S3 Python, which must have it
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(runner, "_can_import_botocore", lambda: False)
+    try:
+        args = (str(tmp_path / "job.fetch"), str(tmp_path / "job.csv"), str(dest), str(tmp_path / "out3.csv"))
+        with pytest.raises(RuntimeError, match="no /nonexistent/python3 on .* to download S3 images"):
+            runner.download({"s3_python": "/nonexistent/python3"}, *args)
+        bare = tmp_path / "bare-python"          # a Python without site-packages: no botocore
+        bare.write_text(f"#!/bin/sh\nexec {sys.executable} -S -I \"$@\"\n")
+        bare.chmod(0o755)
+        with pytest.raises(RuntimeError, match=r"no botocore for .*\(role awscli\), or pass --s3-python"):
+            runner.download({"s3_python": str(bare)}, *args)
+        assert runner.download({"s3_python": RunSettings().s3_python}, *args)["files"] == 3
+    finally:
+        monkey.undo()
 
 
 def fake_run(root: Path, jobs: list[str], published: list[str]) -> Path:
     """A run folder with a plan and some published jobs (tables are dummies: no merge here)."""
     (root / "published").mkdir(parents=True)
-    plan = {"format": 1, "dataset": {"sha256": "d" * 64, "kind": "loaddata"}, "pipeline": {"sha256": "p" * 64,
-            "file": "pipeline.cppipe"}, "cellprofiler": {"version": "5.0.0"}, "jobs": [{"id": j} for j in jobs]}
+    plan = planfile.to_dict(make_plan(jobs=[(j, 1) for j in jobs], sha="p" * 64))
     (root / "plan.json").write_text(json.dumps(plan))
     (root / "pipeline.cppipe").write_text("pipeline")
     for job in published:
@@ -310,7 +302,7 @@ def fake_run(root: Path, jobs: list[str], published: list[str]) -> Path:
 
 
 def test_mirror_uploads_published_jobs_and_a_fresh_folder_resumes_from_it(aws, tmp_path):
-    from bpcp import mirror
+    from bpcp.aws import mirror, uploader
     from bpcp.runfolder import RunFolder
 
     client = aws.client("s3")
@@ -318,7 +310,8 @@ def test_mirror_uploads_published_jobs_and_a_fresh_folder_resumes_from_it(aws, t
     url = f"s3://{RESULTS}/runs/batch1"
     run = RunFolder(fake_run(tmp_path / "run", ["j1", "j2", "j3"], ["j1", "j2"]))
     assert mirror.start(run, url) == {}
-    assert mirror.push_job(run, url, "j1") == 3
+    with uploader.Uploader(run, url) as up:          # what the run's uploader does as j1 is published
+        assert up.upload_job("j1").files == 3
     (run.root / "merged").mkdir()
     (run.root / "merged" / "Image.parquet").write_bytes(b"PAR1")
     (run.root / "report.json").write_text("{}")
@@ -404,7 +397,7 @@ def objects(client, bucket: str, prefix: str) -> dict[str, bytes]:
 @pytest.mark.cellprofiler
 @pytest.mark.slow
 def test_run_from_s3_to_s3_equals_local_and_resumes_from_s3(aws, example_plate, cp_venv, s3_reference, tmp_path,
-                                                            monkeypatch):
+                                                            monkeypatch, session_tmp_root):
     secret = f"bpcp-planted-secret-{uuid.uuid4().hex}"
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)      # moto accepts any; it must show up nowhere
     client = aws.client("s3")
@@ -415,7 +408,7 @@ def test_run_from_s3_to_s3_equals_local_and_resumes_from_s3(aws, example_plate, 
     seen = Requests(aws)
     started = time.monotonic()
     proc = bpcp("run", "--cellprofiler", cp_venv, "-d", dataset, "-p", str(example_plate / "example_loaddata.cppipe"),
-                "-o", str(run), "--bundle", "0", "--s3-output", output)
+                "-o", str(run), "--bundle", "0", "--s3-output", output, "--tmp-root", str(session_tmp_root))
     seconds = time.monotonic() - started
     assert "COMPLETE: 8/8 jobs done" in proc.stdout
     assert "8 of 8 jobs download their images from S3" in proc.stdout
@@ -434,15 +427,24 @@ def test_run_from_s3_to_s3_equals_local_and_resumes_from_s3(aws, example_plate, 
     gets = seen.gets(DATA)
     assert sorted(gets) == sorted(images + ["plate/load_data.csv"]), "downloads other than the planned objects"
     assert len(seen.listings(DATA)) == 1                      # the image folder, once, at plan time
-    assert len(seen.listings(RESULTS)) == 3      # access check (1 key), published/ at the start and at the end
+    assert len(seen.listings(RESULTS)) == 2      # access check (1 key), published/ at the start (the end reads s3-uploaded.jsonl)
     assert (run / "dataset.csv").read_bytes() == client.get_object(Bucket=DATA, Key="plate/load_data.csv")["Body"].read()
     fetched = [json.loads((run / "published" / j["id"] / "bpcp-job.json").read_text())["fetch"] for j in plan["jobs"]]
     assert all(f["files"] == 6 for f in fetched)
     per_job = ", ".join(f"{f['seconds']:.3f}" for f in fetched)
     print(f"\nS3 run: {seconds:.1f} s; download per job: {per_job} s ({fetched[0]['bytes']} bytes each)")
-    # the downloads went into the jobs' temp folders (the RAM disk here) and went away with them
+    # the downloads went into the jobs' temp folders (in this session's temp root: the RAM disk when
+    # mounted), as the paths CellProfiler read them from say, and went away with them
+    from bpcp.jobs.runner import run_tag
+
+    from merge_support import read_reference
+
+    prefix = f"{session_tmp_root}/bpcp-{run_tag(str(run))}-"
     for job in plan["jobs"]:
-        assert not list(Path("/mnt/bpcp-ramdisk").glob(f"bpcp-{job['id']}.*"))
+        _, rows = read_reference(run / "published" / job["id"] / "Image.csv")
+        read_from = {v for r in rows for k, v in r.items() if k.startswith("PathName_") and "/bpcp-s3/" in v}
+        assert read_from and all(v.startswith(f"{prefix}{job['id']}.") for v in read_from), (job["id"], read_from)
+    assert not list(session_tmp_root.glob(f"bpcp-{run_tag(str(run))}-*"))
     assert not list(run.rglob("bpcp-s3"))
 
     # the S3 copy: every published job, the merged tables, the report and the plan
@@ -474,9 +476,9 @@ def test_run_from_s3_to_s3_equals_local_and_resumes_from_s3(aws, example_plate, 
     assert_merged_equals(s3_reference, fresh)
     assert files_holding(fresh, secret.encode()) == []
 
-    # and one with another number of slots and the default --bundle auto: the S3 copy's jobs are kept
+    # and one with another number of slots and --bundle auto: the S3 copy's jobs are kept
     other = bpcp("run", "--cellprofiler", cp_venv, "-d", dataset, "-p", str(example_plate / "example_loaddata.cppipe"),
-                 "-o", str(tmp_path / "fresh2"), "--slots", "3", "--s3-output", output)
+                 "-o", str(tmp_path / "fresh2"), "--slots", "3", "--s3-output", output, "--bundle", "auto")
     assert "8 of 8 jobs already published, 0 to run" in other.stdout
     assert json.loads((tmp_path / "fresh2" / "plan.json").read_text())["jobs"] == plan["jobs"]
 

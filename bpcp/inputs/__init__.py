@@ -1,0 +1,1 @@
+"""What the user gives, read and checked: datasets, the pipeline (asked of CellProfiler itself), preflight."""

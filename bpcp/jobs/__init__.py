@@ -1,0 +1,1 @@
+"""From checked inputs to finished jobs: plan (pure), write the run folder, render, execute, and the job runner."""

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Set up and start a single-node Slurm on this machine: this host is the controller (slurmctld)
+# and the only compute node (slurmd), configured by the slurm role (playbooks/slurm.yml), for
+# the fast tests of `bpcp run --engine slurm`.
+#
+#   scripts/start-slurm-local.sh                 # nothing to do when the node already answers
+#   scripts/start-slurm-local.sh -e slurm_max_array_size=5   # (re)configure: runs the role always
+#
+# Idempotent: without arguments it only checks `sinfo` when Slurm is up; otherwise (or with
+# ansible-playbook arguments) it runs the role, which restarts the daemons only when slurm.conf
+# or the munge key changed, then waits at most BPCP_SLURM_WAIT seconds (default 60) until sinfo
+# shows the node idle. Needs root (apt, daemons) and ansible-playbook (.venv/bin or PATH).
+# Prints one line and exits 1 when it cannot; the role's output is in BPCP_SLURM_LOG.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+root="$(pwd)"
+wait_s="${BPCP_SLURM_WAIT:-60}"
+log="${BPCP_SLURM_LOG:-/tmp/bpcp-start-slurm-local.log}"
+node="$(hostname -s)"
+
+say() { echo "start-slurm-local: $*"; }
+die() { echo "start-slurm-local: $*" >&2; exit 1; }
+
+# The node's compact state in sinfo (idle, mix, alloc, down*, ...), empty when Slurm does not answer.
+state() {
+  command -v sinfo >/dev/null 2>&1 || return 0
+  timeout 10 sinfo --noheader --Node --nodes="$node" --format='%t' 2>/dev/null | head -n 1
+}
+
+if [ $# -eq 0 ]; then
+  case "$(state)" in
+    idle | mix | alloc) say "Slurm is already up ($node $(state))"; exit 0 ;;
+  esac
+fi
+
+[ "$(id -u)" -eq 0 ] || die "Slurm is not up on $node and only root can install and start it"
+
+playbook="${BPCP_VENV_BIN:-$root/.venv/bin}/ansible-playbook"
+[ -x "$playbook" ] || playbook="$(command -v ansible-playbook || true)"
+[ -n "$playbook" ] || die "no ansible-playbook (run make setup, or put it on PATH)"
+
+inventory="$(mktemp /tmp/bpcp-slurm-local.XXXXXX.yml)"
+trap 'rm -f "$inventory"' EXIT
+# No munge key given: the role keeps the key the munge package created on this host.
+cat >"$inventory" <<YAML
+all:
+  vars:
+    ansible_connection: local
+    ansible_python_interpreter: /usr/bin/python3
+  children:
+    slurm_controller:
+      hosts:
+        localhost:
+    workers:
+      hosts:
+        localhost:
+          slurm_node_name: $node
+YAML
+
+say "configuring Slurm on $node with the slurm role (log: $log)"
+if ! ANSIBLE_CONFIG="$root/ansible.cfg" ANSIBLE_ROLES_PATH="$root/roles" ANSIBLE_NOCOLOR=1 \
+  "$playbook" -i "$inventory" "$root/playbooks/slurm.yml" "$@" >"$log" 2>&1; then
+  reason="$(grep -m1 -E '^(\[ERROR\]|fatal:)' "$log" | cut -c1-300 || true)"
+  die "the slurm role failed on $node: ${reason:-see $log} (log: $log)"
+fi
+
+for _ in $(seq 1 "$wait_s"); do
+  current="$(state)"
+  if [ "$current" = idle ]; then
+    say "Slurm is up ($node idle)"
+    exit 0
+  fi
+  sleep 1
+done
+die "node $node is not idle after ${wait_s} s (sinfo says: ${current:-no answer}); see /var/log/slurm/slurmctld.log and slurmd.log"
