@@ -11,6 +11,11 @@
 # or the munge key changed, then waits at most BPCP_SLURM_WAIT seconds (default 60) until sinfo
 # shows the node idle. Needs root (apt, daemons) and ansible-playbook (.venv/bin or PATH).
 # Prints one line and exits 1 when it cannot; the role's output is in BPCP_SLURM_LOG.
+#
+# After a machine's processes were all ended (a test session stopped mid-run), slurmctld comes
+# back with its saved state: the jobs that were queued then (requeued when their node failed)
+# and the node down or drained. When Slurm did not answer on entry, nothing that submitted those
+# jobs is alive, so this test cluster's leftover jobs are cancelled and the node resumed.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -28,9 +33,10 @@ state() {
   timeout 10 sinfo --noheader --Node --nodes="$node" --format='%t' 2>/dev/null | head -n 1
 }
 
+entry_state="$(state)"
 if [ $# -eq 0 ]; then
-  case "$(state)" in
-    idle | mix | alloc) say "Slurm is already up ($node $(state))"; exit 0 ;;
+  case "$entry_state" in
+    idle | mix | alloc) say "Slurm is already up ($node $entry_state)"; exit 0 ;;
   esac
 fi
 
@@ -65,12 +71,30 @@ if ! ANSIBLE_CONFIG="$root/ansible.cfg" ANSIBLE_ROLES_PATH="$root/roles" ANSIBLE
   die "the slurm role failed on $node: ${reason:-see $log} (log: $log)"
 fi
 
-for _ in $(seq 1 "$wait_s"); do
-  current="$(state)"
-  if [ "$current" = idle ]; then
-    say "Slurm is up ($node idle)"
-    exit 0
+# Leftovers of processes that are gone (see the header): only when Slurm was not answering.
+if [ -z "$entry_state" ]; then
+  mapfile -t leftover < <(timeout 10 squeue --noheader --format=%A 2>/dev/null || true)
+  if [ "${#leftover[@]}" -gt 0 ]; then
+    timeout 30 scancel --quiet "${leftover[@]}" 2>/dev/null || true
+    say "cancelled ${#leftover[@]} jobs left queued from before Slurm was restarted: ${leftover[*]}"
   fi
+fi
+
+current=""
+for i in $(seq 1 "$wait_s"); do
+  current="$(state)"
+  case "$current" in
+    idle)
+      say "Slurm is up ($node idle)"
+      exit 0 ;;
+    down | drain | drng | drained | draining | fail | failg)
+      # ReturnToService=2 brings back a node that registers; a drained one needs a resume.
+      if [ $((i % 5)) -eq 1 ]; then
+        timeout 10 scontrol update nodename="$node" state=resume >/dev/null 2>&1 || true
+      fi ;;
+  esac
   sleep 1
 done
-die "node $node is not idle after ${wait_s} s (sinfo says: ${current:-no answer}); see /var/log/slurm/slurmctld.log and slurmd.log"
+reason="$(timeout 10 sinfo --noheader --Node --nodes="$node" --format='%E' 2>/dev/null | head -n 1 || true)"
+queued="$(timeout 10 squeue --noheader --format='%i %j %T %u' 2>/dev/null | head -n 5 | paste -sd ';' - || true)"
+die "node $node is not idle after ${wait_s} s (sinfo says: ${current:-no answer}${reason:+, reason: $reason}${queued:+; queued: $queued}); see /var/log/slurm/slurmctld.log and slurmd.log"
