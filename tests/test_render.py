@@ -1,9 +1,11 @@
 """The job script: valid bash in every mode, settings rendered, nothing from group values in it."""
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -133,6 +135,25 @@ def test_script_settings_reach_bash_unquoted(tmp_path, tmp_root):
                          capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == [str(run_dir), tmp_root, "100%"]
+
+
+@pytest.mark.parametrize("python,expected", [(sys.executable, sys.executable), ("/no/such/python3", "python3")])
+def test_runner_interpreter_on_this_host(tmp_path, python, expected):
+    """Local jobs run the runner under bpcp's own interpreter with -S (no pyenv shim, no site
+    imports per job); a path that no longer exists (the run folder resumed elsewhere) falls back
+    to python3, and the runner works either way."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "bpcp_runner.py").write_text(Path(runner.__file__).read_text())
+    (run_dir / "runner.json").write_text(json.dumps({"tmp_root": "", "ramdisk": ""}))
+    text = render_script(plan(), run_dir, RunSettings(), python=python)
+    header = text[:text.index("\nbpcp_job()")]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BPCP_")}
+    out = subprocess.run(["bash", "-c", header + '\nprintf "%s\\n" "$BPCP_PYTHON" "${runner[*]}"; "${runner[@]}" reclaim'],
+                         capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [expected, f"{expected} -S {run_dir}/bpcp_runner.py"]
+    assert '"${BPCP_PYTHON:-python3}" -S "$runner" run' in text      # remote hosts get no BPCP_PYTHON: python3
 
 
 @pytest.mark.parametrize("hard,ok", [(4096, True), (256, False)])

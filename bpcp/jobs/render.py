@@ -6,6 +6,7 @@ import os
 import re
 import shlex
 import shutil
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -121,11 +122,13 @@ def runner_config(plan: Plan, run_dir: Path, settings: RunSettings, cp: CellProf
 
 
 def render_script(plan: Plan, run_dir: Path, settings: RunSettings, multihost: bool = False, slots: int = 0,
-                  shared_fs: bool = False) -> str:
+                  shared_fs: bool = False, python: str = "python3") -> str:
     """The job script text for a plan. Group values never appear in it: jobs are named by id.
     slots: the run's CellProfiler processes over all hosts, for the file descriptors parallel needs;
-    shared_fs: the hosts see the run folder here, so no job is staged or returned."""
+    shared_fs: the hosts see the run folder here, so no job is staged or returned;
+    python: the job runner's interpreter on this host (remote hosts use their python3)."""
     context = {
+        "python": python,
         "version": __version__,
         "run_dir": str(run_dir),
         "settings": asdict(settings),
@@ -180,7 +183,7 @@ def write_script(run: RunFolder, plan: Plan, settings: RunSettings, cp: CellProf
     stage/ for remote hosts (none on a shared filesystem: an earlier render's is removed)."""
     multihost = bool(sshlogins)
     slots = total_slots(settings.jobs, os.cpu_count() or 1, sshlogins)
-    text = render_script(plan, run.root, settings.validate(), multihost, slots, shared_fs)
+    text = render_script(plan, run.root, settings.validate(), multihost, slots, shared_fs, sys.executable or "python3")
     config = runner_config(plan, run.root, settings, cp, multihost, shared_fs)
     write_atomic(run.root / runner.CONFIG, json.dumps(config, indent=1) + "\n")
     write_atomic(run.root / runner.RUNNER, Path(runner.__file__).read_text())

@@ -440,6 +440,9 @@ def fetch(listing: str, source_csv: str, dest: str, target_csv: str) -> dict:
 
 
 def _can_import_botocore() -> bool:
+    if sys.flags.no_site and "site" not in sys.modules:   # started with -S (jobs.sh): site-packages when needed
+        import site
+        site.main()
     try:
         import botocore  # noqa: F401
         return True

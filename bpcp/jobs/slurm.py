@@ -310,7 +310,7 @@ if [ -z "$job" ]; then
 fi
 echo "bpcp: task ${{SLURM_ARRAY_JOB_ID}}_${{SLURM_ARRAY_TASK_ID}}: job $job on $(hostname) (restarts: ${{SLURM_RESTART_COUNT:-0}})"
 command -v python3 >/dev/null || {{ echo "bpcp: no python3 on $(hostname): the job runner needs Python 3.9 or newer" >&2; exit 2; }}
-exec python3 {q(str(run_dir / runner.RUNNER))} run --run-dir {q(str(run_dir))} "$job"
+exec python3 -S {q(str(run_dir / runner.RUNNER))} run --run-dir {q(str(run_dir))} "$job"
 """
 
 
