@@ -9,7 +9,7 @@
 # Idempotent: without arguments it only checks `sinfo` when Slurm is up; otherwise (or with
 # ansible-playbook arguments) it runs the role, which restarts the daemons only when slurm.conf
 # or the munge key changed, then waits at most BPCP_SLURM_WAIT seconds (default 60) until sinfo
-# shows the node idle. Needs root (apt, daemons) and ansible-playbook (.venv/bin or PATH).
+# shows the node idle (itself, not the role: it resumes a down or drained node). Needs root (apt, daemons) and ansible-playbook (.venv/bin or PATH).
 # Prints one line and exits 1 when it cannot; the role's output is in BPCP_SLURM_LOG.
 #
 # After a machine's processes were all ended (a test session stopped mid-run), slurmctld comes
@@ -30,7 +30,7 @@ die() { echo "start-slurm-local: $*" >&2; exit 1; }
 # The node's compact state in sinfo (idle, mix, alloc, down*, ...), empty when Slurm does not answer.
 state() {
   command -v sinfo >/dev/null 2>&1 || return 0
-  timeout 10 sinfo --noheader --Node --nodes="$node" --format='%t' 2>/dev/null | head -n 1
+  timeout 10 sinfo --noheader --Node --nodes="$node" --format='%t' 2>/dev/null | head -n 1 || true
 }
 
 entry_state="$(state)"
@@ -66,7 +66,7 @@ YAML
 
 say "configuring Slurm on $node with the slurm role (log: $log)"
 if ! ANSIBLE_CONFIG="$root/ansible.cfg" ANSIBLE_ROLES_PATH="$root/roles" ANSIBLE_NOCOLOR=1 \
-  "$playbook" -i "$inventory" "$root/playbooks/slurm.yml" "$@" >"$log" 2>&1; then
+  "$playbook" -i "$inventory" "$root/playbooks/slurm.yml" -e slurm_wait_for_nodes=false "$@" >"$log" 2>&1; then
   reason="$(grep -m1 -E '^(\[ERROR\]|fatal:)' "$log" | cut -c1-300 || true)"
   die "the slurm role failed on $node: ${reason:-see $log} (log: $log)"
 fi
@@ -77,6 +77,13 @@ if [ -z "$entry_state" ]; then
   if [ "${#leftover[@]}" -gt 0 ]; then
     timeout 30 scancel --quiet "${leftover[@]}" 2>/dev/null || true
     say "cancelled ${#leftover[@]} jobs left queued from before Slurm was restarted: ${leftover[*]}"
+    # A job that ran when its processes were killed stays allocated (completing) until slurmd's
+    # late cleanup, about a minute; a node set down and resumed is free at once.
+    for _ in 1 2 3 4 5; do [ "$(state)" = idle ] && break; sleep 1; done
+    if [ "$(state)" != idle ]; then
+      timeout 10 scontrol update nodename="$node" state=down reason="bpcp: jobs left from before a restart" || true
+      timeout 10 scontrol update nodename="$node" state=resume || true
+    fi
   fi
 fi
 
