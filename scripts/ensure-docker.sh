@@ -9,6 +9,30 @@ set -euo pipefail
 wait_s="${BPCP_DOCKER_WAIT:-60}"
 log="${BPCP_DOCKERD_LOG:-/var/log/bpcp-dockerd.log}"
 
+# A killed daemon can stay a zombie until init reaps it (seen right after a machine's processes
+# were all ended): it must not count as running, and a pid file naming it must go, or the new
+# dockerd refuses to start (docker.pid) or waits for a containerd that never answers.
+live_pid() {
+  local state
+  state="$(sed -n 's/^State:[[:space:]]*\([A-Z]\).*/\1/p' "/proc/$1/status" 2>/dev/null)"
+  [ -n "$state" ] && [ "$state" != Z ]
+}
+live_dockerd() {
+  local pid
+  for pid in $(pgrep -x dockerd || true); do
+    live_pid "$pid" && return 0
+  done
+  return 1
+}
+drop_stale_pidfiles() {
+  local file pid
+  for file in /var/run/docker.pid /var/run/docker/containerd/containerd.pid; do
+    pid="$(cat "$file" 2>/dev/null || true)"
+    [ -n "$pid" ] && live_pid "$pid" && continue
+    rm -f "$file"
+  done
+}
+
 if docker info >/dev/null 2>&1; then
   echo "ensure-docker: engine already running"
   exit 0
@@ -38,7 +62,8 @@ fi
 if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
   systemctl start docker || true
 fi
-if ! docker info >/dev/null 2>&1 && ! pgrep -x dockerd >/dev/null 2>&1; then
+if ! docker info >/dev/null 2>&1 && ! live_dockerd; then
+  drop_stale_pidfiles
   echo "ensure-docker: starting dockerd (log: $log)"
   nohup dockerd >"$log" 2>&1 &
 fi
