@@ -9,7 +9,8 @@
 # Idempotent: without arguments it only checks `sinfo` when Slurm is up; otherwise (or with
 # ansible-playbook arguments) it runs the role, which restarts the daemons only when slurm.conf
 # or the munge key changed, then waits at most BPCP_SLURM_WAIT seconds (default 60) until sinfo
-# shows the node idle (itself, not the role: it resumes a down or drained node). Needs root (apt, daemons) and ansible-playbook (.venv/bin or PATH).
+# shows the node idle (itself, not the role: it resumes a down or drained node). Needs root
+# (apt, daemons) and ansible-playbook (.venv/bin or PATH).
 # Prints one line and exits 1 when it cannot; the role's output is in BPCP_SLURM_LOG.
 #
 # After a machine's processes were all ended (a test session stopped mid-run), slurmctld comes
