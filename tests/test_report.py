@@ -272,7 +272,9 @@ def test_report_renders_in_chromium(runs, tmp_path):
         coloured = (np.abs(box[:, None, :] - bar_colours[None]) <= 8).all(-1).any(-1).mean()
         assert coloured > 0.6, f"{job}: the hover box is not on its bar ({coloured:.2f} of it in a bar colour)"
         # the label is centred and may fill its bar up to 2 px from each end (the report's room);
-        # the bar's white edge lies at its ends and its top and bottom
+        # the bar's white edge lies at its ends and its top and bottom. Text is anti-aliased and
+        # the chart is scaled to the page, so few pixels stay pure white (10-21 seen): count the
+        # pixels lighter in every channel than any part of either bar colour (46-52 seen here, 0 with no label)
         inner = rgb[y0 + (y1 - y0) // 4:y1 - (y1 - y0) // 4, x0 + 3:x1 - 3]
-        white = (inner >= 235).all(-1).sum()
-        assert white > 10, f"{job}: no label written in its bar ({white} white pixels)"
+        light = (inner.min(-1) >= 180).sum()
+        assert light > 8, f"{job}: no label written in its bar ({light} light pixels)"
