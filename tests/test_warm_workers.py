@@ -188,6 +188,23 @@ def test_worker_killed_or_hung_mid_job_fails_only_that_job(example_plate, cp_ven
                 return pid, cwd.name
         return None
 
+    def caught_mid_job(pid: int, job: str) -> bool:
+        """Stop the worker, then look again: a worker goes back to the run folder before it
+        answers, so one stopped in the job's folder has not answered yet and its job can only
+        fail. One that left it meanwhile is let go (else the fault would hit no job)."""
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            for _ in range(200):                  # stopped within 1 s
+                if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in "Tt":
+                    break
+                time.sleep(0.005)
+            if Path(os.readlink(f"/proc/{pid}/cwd")) == run / "work" / job:
+                return True
+        except OSError:
+            return False
+        os.kill(pid, signal.SIGCONT)
+        return False
+
     reasons: dict[str, str] = {}
 
     def fault() -> None:
@@ -195,9 +212,10 @@ def test_worker_killed_or_hung_mid_job_fails_only_that_job(example_plate, cp_ven
         success removes failed/<job>/; GNU parallel keeps a retried job's last attempt only)."""
         while not stop.is_set():
             found = busy_worker() if len(hit) < 2 else None
-            if found:
+            if found and caught_mid_job(*found):
                 how = "killed" if "killed" not in hit else "stopped"
-                os.kill(found[0], signal.SIGKILL if how == "killed" else signal.SIGSTOP)
+                if how == "killed":
+                    os.kill(found[0], signal.SIGKILL)
                 hit[how] = found
             for reason in (run / "failed").glob("*/reason.txt") if (run / "failed").is_dir() else []:
                 with contextlib.suppress(OSError):
