@@ -20,9 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.compute as pc
-
+from bpcp.arrow import pa, pc
 from bpcp.aws import client as aws
 from bpcp.errors import BpcpError
 from bpcp.inputs.dataset import PATH_PREFIXES, URL_PREFIXES, loaddata_channels

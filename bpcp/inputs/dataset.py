@@ -16,10 +16,9 @@ import urllib.parse
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
+from bpcp.arrow import pa, pc
 from bpcp.errors import BpcpError
 from bpcp.inputs import cellprofiler as cpmod
 from bpcp.jobs.runner import sha256_file as runner_sha256

@@ -8,8 +8,7 @@ import tempfile
 from collections import defaultdict
 from pathlib import Path
 
-import pyarrow.compute as pc
-
+from bpcp.arrow import pc
 from bpcp.inputs.dataset import ImageSets
 
 MAX_LISTED = 5

@@ -32,9 +32,7 @@ import math
 import re
 from dataclasses import dataclass
 
-import pyarrow as pa
-import pyarrow.compute as pc
-
+from bpcp.arrow import pa, pc
 from bpcp.errors import BpcpError
 from bpcp.inputs.dataset import ImageSets
 from bpcp.planfile import Bundling, CellProfilerInfo, Dataset, Job, Pipeline, Plan

@@ -9,10 +9,9 @@ import csv
 import os
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
+from bpcp.arrow import pa, pc
 from bpcp.errors import BpcpError
 from bpcp.inputs.dataset import FILE_PREFIXES, PATH_PREFIXES
 from bpcp.jobs import runner

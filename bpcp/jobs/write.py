@@ -13,11 +13,10 @@ import io
 import shutil
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from bpcp import planfile
+from bpcp.arrow import pa, pc
 from bpcp.aws.s3 import fetch_list, fetch_lists
 from bpcp.errors import BpcpError
 from bpcp.inputs.dataset import PATH_PREFIXES, ImageSets, sha256_file

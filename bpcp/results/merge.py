@@ -59,10 +59,10 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bpcp import planfile
+from bpcp.arrow import pa
 from bpcp.errors import BpcpError
 from bpcp.planfile import Job, Plan
 from bpcp.results import verify
