@@ -157,7 +157,8 @@ class Uploader:
         self.manager = create_transfer_manager(self.client, config)
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="bpcp-upload")
         self.record = Record(run)
-        self.say = say or (lambda line: print(line, file=sys.stderr, flush=True))
+        self._say = say or _to_stderr
+        self._said = threading.Lock()
         self.outcome = Outcome()
         self.lock = threading.Lock()
 
@@ -206,6 +207,11 @@ class Uploader:
         else:
             with self.lock:
                 self.outcome.uploaded.append(job)
+
+    def say(self, line: str) -> None:
+        """One line, never interleaved with another thread's (print writes a line and its end apart)."""
+        with self._said:
+            self._say(line)
 
     def _failed(self, job: str, line: str) -> None:
         with self.lock:
@@ -259,6 +265,11 @@ def failure_line(failed: dict[str, str], url: str, run: RunFolder) -> str:
     which = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
     return (f"{len(names)} published jobs were not copied to {url} ({which}): {failed[names[0]]}; "
             f"fix that, then `bpcp merge --output {run.root} --s3-output {url}` copies what is missing")
+
+
+def _to_stderr(line: str) -> None:
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 # ----------------------------------------------------------------------------- the process
