@@ -268,3 +268,21 @@ def test_no_credentials_for_the_output_prefix_stop_bpcp_run_before_planning(aws,
     assert code == 2 and len(err) == 1 and err[0].startswith(f"bpcp: error: s3://{RESULTS}/batch1: no AWS credentials "
                                                              "found"), err
     assert not out.exists()
+
+
+def test_lines_from_many_upload_threads_stay_whole():
+    """The uploader's 16 threads each say their failures; every line reaches the pipe whole
+    (print() wrote a line and its end apart: 274 of 3,200 lines held two messages)."""
+    import subprocess
+    import sys
+
+    code = ("import threading\nfrom bpcp.aws import uploader\n"
+            "say = uploader.Uploader.say\n"
+            "class U: _say = staticmethod(uploader._to_stderr); _said = threading.Lock()\n"
+            "u = U()\n"
+            "def f(i):\n    for k in range(200):\n        say(u, f'bpcp: j{i}-{k}: not copied to s3://b/p: a reason')\n"
+            "ts = [threading.Thread(target=f, args=(i,)) for i in range(16)]\n"
+            "[t.start() for t in ts]\n[t.join() for t in ts]\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stderr
+    lines = out.splitlines()
+    assert len(lines) == 3200 and all(line.count("not copied") == 1 for line in lines), out[-500:]
