@@ -254,3 +254,27 @@ def test_an_attempt_whose_output_is_closed_stops_its_cellprofiler(tmp_path):
         time.sleep(0.1)
     assert not _fake_processes(run), "CellProfiler outlived its attempt"
     assert not runner.lock_is_held(str(run / "work" / JOB / "lock"))
+
+
+def test_a_warm_worker_frees_each_jobs_garbage_and_keeps_the_rest_out_of_the_collector():
+    """After a job a worker collects the job's cyclic garbage, then freezes what survives (its
+    modules, CellProfiler's caches): a full collection over CellProfiler's ~220,000 objects took
+    0.16 s per job, as long as a light pipeline's image set."""
+    import gc
+    import weakref
+
+    class Node:
+        pass
+
+    freed: list[bool] = []
+    gc.unfreeze()
+    try:
+        cycle = Node()
+        cycle.me = cycle                  # type: ignore[attr-defined]
+        weakref.finalize(cycle, freed.append, True)
+        del cycle
+        runner.WarmCellProfiler.settle()
+        assert freed == [True]            # the job's garbage is gone
+        assert gc.get_freeze_count() > 0  # and what survives is out of later collections' way
+    finally:
+        gc.unfreeze()

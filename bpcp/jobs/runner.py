@@ -37,6 +37,7 @@ import contextlib
 import csv
 import errno
 import fcntl
+import gc
 import glob
 import hashlib
 import json
@@ -733,6 +734,15 @@ class WarmCellProfiler:
                 Pipeline().load(pipeline)
             except Exception:
                 pass
+        self.settle()
+
+    @staticmethod
+    def settle() -> None:
+        """Free the job's garbage, then freeze what is left (the worker's modules and caches) out of
+        the collector's reach: a full collection of the ~220,000 objects CellProfiler's imports leave
+        took 0.16 s, as long as a one-image-set job's own work on a light pipeline."""
+        gc.collect()
+        gc.freeze()
 
     def run(self, request: dict) -> int:
         prefs = self.prefs
@@ -782,9 +792,7 @@ class WarmCellProfiler:
                 os.environ["TMPDIR"] = tmpdir
             with contextlib.suppress(Exception):
                 self.clear()
-            import gc
-
-            gc.collect()
+            self.settle()
 
     def close(self) -> None:
         self.stop()
@@ -986,7 +994,7 @@ def available_memory() -> int | None:
 
 
 def wait_for_memory(config: dict, job: str) -> str:
-    """Admission on the host that runs the job (GNU parallel's --memfree sees only the controller):
+    """Admission on the host that runs the job (GNU parallel's --memfree would see only the controller, and polls):
     wait, boundedly, until the host has the memory a job needs; '' when it has, else why not."""
     need = int(config.get("memory_needed") or 0)
     if not need:
