@@ -67,7 +67,8 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
                    help=f"per-job limit: seconds, 90m, 2h, or N%% of the median job (default: from profile.json, "
                         f"else {d.timeout.replace('%', '%%')})")
     g.add_argument("--memfree", default=None,
-                   help=f"start jobs only above this free memory (default: from profile.json, else {d.memfree})")
+                   help=f"a job starts CellProfiler only when its host has this much memory available "
+                        f"(default: from profile.json, else {d.memfree})")
     g.add_argument("--halt", default=d.halt, help=f"GNU parallel halt policy (default {d.halt.replace('%', '%%')})")
     g.add_argument("--tmp-root", default=d.tmp_root,
                    help="CellProfiler temp folder root: 'auto' = the RAM disk when mounted (default), '' = on disk")

@@ -82,11 +82,10 @@ def test_settings_reach_gnu_parallel(tmp_path):
     settings = RunSettings(jobs="3", retries=5, timeout="2h", memfree="4G", halt="now,fail=1")
     text = render_script(plan(), tmp_path, settings)
     assert "options=(--retries 5 --halt now,fail=1)" in text
-    assert "options+=(--timeout 2h)" in text and "options+=(--memfree 4G)" in text
+    assert "options+=(--timeout 2h)" in text
     assert 'BPCP_JOBS=${BPCP_JOBS:-3}' in text
-    no_limits = render_script(plan(), tmp_path, RunSettings(timeout="", memfree=""))
+    no_limits = render_script(plan(), tmp_path, RunSettings(timeout=""))
     assert "--timeout" not in no_limits.split("parallel --will-cite")[1].split("\n")[0]
-    assert "options+=(--memfree" not in no_limits
 
 
 def test_unpinned_threads_leave_blas_alone(tmp_path):
@@ -176,11 +175,12 @@ def test_descriptors_for_every_slot_or_one_line(tmp_path, hard, ok):
                                        "hard limit (ulimit -Hn, limits.conf nofile, LimitNOFILE=) or run fewer slots")
 
 
-def test_memfree_guards_only_this_host(tmp_path):
-    """GNU parallel's --memfree reads the controller's memory: remote hosts admit jobs in the runner."""
-    assert "--memfree 1G" in render_script(plan(), tmp_path, RunSettings())
-    assert "--memfree" not in render_script(plan(), tmp_path, RunSettings(), multihost=True)
-    config = runner_config(plan(), tmp_path, RunSettings(memfree="3G"), CP, True)
+@pytest.mark.parametrize("multihost", [False, True])
+def test_memfree_is_admitted_by_the_runner_not_gnu_parallel(tmp_path, multihost):
+    """GNU parallel's --memfree reads only the controller's memory and polls it (forking perl and
+    awk) the whole time jobs run; the runner admits each job on its own host instead."""
+    assert "--memfree" not in render_script(plan(), tmp_path, RunSettings(memfree="3G"), multihost=multihost)
+    config = runner_config(plan(), tmp_path, RunSettings(memfree="3G"), CP, multihost)
     assert config["memory_needed"] == 3 << 30
 
 

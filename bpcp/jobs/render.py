@@ -34,7 +34,7 @@ class RunSettings:
     jobs: str = "100%"          # slots per host: a number, N% of cores, or +N/-N
     retries: int = 3            # attempts per job in all (GNU parallel --retries)
     timeout: str = "1000%"      # per-job limit: seconds (s/m/h/d suffix) or N% of the median job; "" = none
-    memfree: str = "1G"         # start no job below this free memory; kill the youngest below half
+    memfree: str = "1G"         # a job starts CellProfiler only when its host has this much available
     halt: str = "soon,fail=25%"
     tmp_root: str = "auto"      # "auto" = the RAM disk when mounted, else on disk; "" = on disk
     ramdisk: str = "/mnt/bpcp-ramdisk"
