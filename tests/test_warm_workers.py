@@ -303,3 +303,39 @@ def test_worker_replaced_past_its_rss_bound(example_plate, cp_venv, tmp_path):
     used = records(run)
     assert len(used) == 3 and all(r["worker"]["jobs_before"] == 0 for r in used.values())
     assert len({r["worker"]["pid"] for r in used.values()}) == 3
+
+
+
+def test_a_runner_stopped_while_its_worker_starts_leaves_that_worker_for_the_retry(example_plate, cp_venv, tmp_path):
+    """Jobs of a fraction of a second: GNU parallel's --timeout (by default 10x the median job) can
+    stop an attempt while its worker is still starting (seconds of imports). That worker never got
+    the job, so it is kept and the retry finds it ready. Before, the stopped runner killed it, so
+    every attempt of a job that needed a fresh worker could time out the same way."""
+    run = tmp_path / "run"
+    bpcp("plan", "--cellprofiler", cp_venv, "-d", str(example_plate / "load_data.csv"),
+         "-p", str(example_plate / "example_loaddata.cppipe"), "--bundle", "0", "-o", str(run), "--only", "Well=A01")
+    bpcp("render", "-o", str(run), "--jobs", "1", "--warm-workers")
+    job, sets = (run / "joblist.tsv").read_text().split()[:2]
+    argv = [sys.executable, "-S", str(run / "bpcp_runner.py"), "run", "--run-dir", str(run), job, "--image-sets", sets]
+    env = {**os.environ, "BPCP_RUN_DIR": str(run), "PARALLEL_JOBSLOT": "1"}
+    try:
+        first = subprocess.Popen(argv, env=env, cwd=run, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 30
+        while not workers_of(run) and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        starting = set(workers_of(run))
+        assert len(starting) == 1, (starting, first.poll())
+        time.sleep(0.3)                       # still importing CellProfiler: seconds, not tenths
+        first.send_signal(signal.SIGTERM)     # as GNU parallel's --timeout does
+        out, _ = first.communicate(timeout=30)
+        assert first.returncode == 128 + signal.SIGTERM, out
+        assert set(workers_of(run)) == starting, "the stopped runner's starting worker was killed"
+        retry = subprocess.run(argv, env=env, cwd=run, capture_output=True, text=True, timeout=600)
+        assert retry.returncode == 0, retry.stdout + retry.stderr
+        record = records(run)[job]["worker"]
+        assert record["pid"] in starting and record["jobs_before"] == 0
+    finally:
+        subprocess.run([sys.executable, "-S", str(run / "bpcp_runner.py"), "stop-workers", "--run-dir", str(run)],
+                       env=env, cwd=run, capture_output=True, timeout=60)
+    assert_no_workers_left(run)
+    assert_job_equals_fresh_process(run, job, tmp_path)

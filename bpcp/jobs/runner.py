@@ -536,6 +536,7 @@ class WarmWorker:
         self.base = worker_base(config, run_dir)
         self.pid = 0
         self.jobs_before = 0
+        self.handed = False              # the job was sent: from then on the worker's state is the job's
         self.sock: socket.socket | None = None
         self.reader: typing.BinaryIO | None = None
         self.slot, self.slot_lock = self._take_slot()
@@ -590,14 +591,20 @@ class WarmWorker:
         return (lines or ["no output"])[-1][:300]
 
     def _hand(self, sock: socket.socket, request: dict, lock: int, patience: float | None) -> None:
-        """Send the job; the worker says it took it (its pid, the jobs it ran before). patience:
-        seconds a running worker has to say so (a stopped or wedged one is replaced), None for one
-        just started (its imports and JVM come first; GNU parallel's --timeout still applies)."""
+        """Wait until the worker is ready, send the job; the worker says it took it (its pid, the
+        jobs it ran before). patience: seconds a running worker has to say so (a stopped or wedged
+        one is replaced), None for one just started (its imports and JVM come first; GNU
+        parallel's --timeout still applies). The job is sent only once the worker is ready, so a
+        runner stopped while its worker starts (a timeout shorter than CellProfiler's start-up,
+        with jobs of a fraction of a second) leaves that worker starting for the retry."""
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         self.pid = struct.unpack("3i", creds)[0]           # known before it answers: it can be killed
         sock.settimeout(patience)
-        _send_line(sock, request, [lock])
         self.reader = sock.makefile("rb")
+        if not self.reader.readline():                     # {"ready": true}
+            raise WorkerGone()
+        self.handed = True
+        _send_line(sock, request, [lock])
         line = self.reader.readline()
         if not line:
             raise WorkerGone()
@@ -610,6 +617,7 @@ class WarmWorker:
         runs it even if this runner dies); a worker leaving as we came is replaced once."""
         request = {"argv": argv, "cwd": cwd, "log": log, "tmp": tmp}
         for attempt in (1, 2):
+            self.handed = False
             sock = self._connect(None)
             spawned = None
             if sock is None:
@@ -841,13 +849,19 @@ def serve(sock_path: str, lock_path: str, max_jobs: int, max_rss: int, idle: flo
                 continue
             with conn:
                 conn.settimeout(30)
+                with contextlib.suppress(OSError):     # stop-workers sends without reading this
+                    _send_line(conn, {"ready": True})
                 try:
                     request, fds = _read_request(conn)
                 except (OSError, ValueError):
                     continue
-                if request.get("stop") or "argv" not in request:
+                if request.get("stop"):
                     leave()
                     return 0
+                if "argv" not in request:         # a runner stopped before it handed its job over
+                    for fd in fds:
+                        os.close(fd)
+                    continue
                 conn.settimeout(None)
                 try:
                     _send_line(conn, {"pid": os.getpid(), "jobs": done})
@@ -1169,8 +1183,8 @@ def run_job(config: dict, run_dir: str, job: str, expected: int | None) -> int:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, signal.SIG_IGN)
         fail(stopped_reason(exc.signum, time.time() - started, config.get("timeout", "")))
-        if worker is not None:
-            worker.kill()
+        if worker is not None and worker.handed:
+            worker.kill()                # mid-job its state is unknown; one still starting is kept
         if child is not None and child.poll() is None:
             child.send_signal(exc.signum)
             try:
