@@ -215,3 +215,18 @@ def test_shared_fs_run_over_two_hosts_equals_one_process(ssh_folder, hosts, exam
                     f"see the run folder {run} (No such file or directory))"], proc.stdout
     assert (run / "stage").is_dir() and json.loads((run / "runner.json").read_text())["staged"] is True
     assert subprocess.run(["bash", "-n", str(run / "jobs.sh")]).returncode == 0
+
+
+def test_the_folders_of_the_sshlogins_control_paths_are_made_private(tmp_path, monkeypatch):
+    """ssh cannot share a connection whose ControlPath folder is missing ("unix_listener: cannot
+    bind to path"), and run.yml's ~/.ssh is missing for a user who never ran ssh."""
+    from bpcp.jobs.sharedfs import make_control_dirs
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    made = make_control_dirs([
+        "4/ssh -o ControlMaster=auto -o ControlPath=~/.ssh/bpcp-%C -o ControlPersist=60 -p 22 -l root host1",
+        f"ssh -oControlPath={tmp_path}/sockets/deep/%C host2",
+        "ssh -o ControlPath=none host3", ":", "8/host4"])
+    assert made == [tmp_path / "home" / ".ssh", tmp_path / "sockets" / "deep"]
+    assert (tmp_path / "home" / ".ssh").stat().st_mode & 0o777 == 0o700
+    assert make_control_dirs(["ssh -o ControlPath=~/.ssh/bpcp-%C host1"]) == []   # there already

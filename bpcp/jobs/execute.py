@@ -35,6 +35,7 @@ def render(run: RunFolder, settings: RunSettings, cellprofiler: str | None = Non
         if not Path(sshloginfile).is_file():
             raise BpcpError(f"{sshloginfile}: sshlogin file not found; list one host per line (':' is this host)")
         sshlogins = parse_sshlogins(Path(sshloginfile).read_text(), str(sshloginfile))
+        sharedfs.make_control_dirs(sshlogins)     # GNU parallel's ssh calls need them too
     if any(job.fetch for job in plan.jobs) and (not sshlogins or ":" in
                                                 [s.partition("/")[2] or s for s in sshlogins]):
         check_fetcher(settings.s3_python)     # workers: run.yml checks each before any job starts

@@ -200,8 +200,36 @@ def _ask(login: Login, run_dir: Path, token: str, mark: str, files: list[str], p
         return {"error": f"the check gave no answer (exit {proc.returncode}: {last})"}
 
 
+_CONTROL_PATH = re.compile(r"^(?:-o)?ControlPath[= ](.+)$", re.IGNORECASE)
+
+
+def make_control_dirs(logins: list[str]) -> list[Path]:
+    """Make the folders of the sshlogins' ControlPath (run.yml's is ~/.ssh/bpcp-%C), private: ssh
+    cannot share a connection whose socket folder is missing ("unix_listener: cannot bind"), and
+    ~/.ssh is missing for a user who has never run ssh. Returns the folders made."""
+    made = []
+    for line in logins:
+        try:
+            words = shlex.split(line.partition("/")[2] if re.match(r"^\d+/", line) else line)
+        except ValueError:
+            continue
+        for word in words:
+            match = _CONTROL_PATH.match(word)
+            if not match or match.group(1).lower() == "none":
+                continue
+            folder = Path(os.path.expanduser(match.group(1))).parent
+            if "%" not in str(folder) and not folder.is_dir():
+                try:
+                    folder.mkdir(mode=0o700, parents=True)
+                    made.append(folder)
+                except OSError:
+                    pass             # ssh then says why in its own words, in the login check
+    return made
+
+
 def check_hosts(run: RunFolder, plan: Plan, logins: list[str]) -> tuple[list[str], int, int]:
     """Every remote host's problems (one line each), the number of hosts checked and of images."""
+    make_control_dirs(logins)
     remote = [login for login in map(parse_login, logins) if not login.local]
     paths = image_paths(run.root, plan)
     if not remote:
