@@ -226,7 +226,8 @@ def test_the_folders_of_the_sshlogins_control_paths_are_made_private(tmp_path, m
     made = make_control_dirs([
         "4/ssh -o ControlMaster=auto -o ControlPath=~/.ssh/bpcp-%C -o ControlPersist=60 -p 22 -l root host1",
         f"ssh -oControlPath={tmp_path}/sockets/deep/%C host2",
-        "ssh -o ControlPath=none host3", ":", "8/host4"])
-    assert made == [tmp_path / "home" / ".ssh", tmp_path / "sockets" / "deep"]
+        "ssh -o ControlPath=none host3", ":", "8/host4",
+        f"@gpu/2/ssh -o ControlPath={tmp_path}/grouped/%C host5"])
+    assert made == [tmp_path / "home" / ".ssh", tmp_path / "sockets" / "deep", tmp_path / "grouped"]
     assert (tmp_path / "home" / ".ssh").stat().st_mode & 0o777 == 0o700
     assert make_control_dirs(["ssh -o ControlPath=~/.ssh/bpcp-%C host1"]) == []   # there already

@@ -305,7 +305,6 @@ def test_worker_replaced_past_its_rss_bound(example_plate, cp_venv, tmp_path):
     assert len({r["worker"]["pid"] for r in used.values()}) == 3
 
 
-
 def test_a_runner_stopped_while_its_worker_starts_leaves_that_worker_for_the_retry(example_plate, cp_venv, tmp_path):
     """Jobs of a fraction of a second: GNU parallel's --timeout (by default 10x the median job) can
     stop an attempt while its worker is still starting (seconds of imports). That worker never got

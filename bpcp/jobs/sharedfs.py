@@ -210,8 +210,8 @@ def make_control_dirs(logins: list[str]) -> list[Path]:
     made = []
     for line in logins:
         try:
-            words = shlex.split(line.partition("/")[2] if re.match(r"^\d+/", line) else line)
-        except ValueError:
+            words = parse_login(line).argv
+        except ValueError:            # unbalanced quotes: the login check says so
             continue
         for word in words:
             match = _CONTROL_PATH.match(word)
